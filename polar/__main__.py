@@ -1,0 +1,5 @@
+import sys
+
+from polar.cli import main
+
+sys.exit(main())

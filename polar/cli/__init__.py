@@ -1,0 +1,45 @@
+"""The ``polar`` command line. Each sub-command lives in its own module of this package and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed args, returns
+an exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Order is the order shown in ``polar --help``.
+COMMAND_MODULES = [
+    "export",
+    "convert",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polar",
+        description="PoLAR adapters for PEFT: train, evaluate, analyse, export and convert.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"polar.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, OSError) as err:
+        # The library's errors are written for users: show them without a traceback (POLAR_DEBUG=1 to see it).
+        if os.environ.get("POLAR_DEBUG"):
+            raise
+        print(f"polar {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""``polar convert``: PoLAR reference-code checkpoint -> polar-peft adapter."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert an adapter saved by the PoLAR reference code",
+        description=(
+            "Convert an adapter saved by the PoLAR reference code (LoRA-style folder with lora_A, lora_B and "
+            "lora_S tensors, which vanilla PEFT would silently mis-load as BA) into a PoLAR adapter that "
+            "PeftModel.from_pretrained loads after `import polar`. ΔW = s·B S A is preserved exactly."
+        ),
+    )
+    parser.add_argument("src_dir", help="reference adapter folder (adapter_config.json + weights)")
+    parser.add_argument("out_dir", help="folder to write the converted adapter to")
+    parser.add_argument("--landing-lambda", type=float, default=None, help="λ to record for further training")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from polar.conversion import convert_reference
+
+    out = convert_reference(args.src_dir, args.out_dir, overwrite=args.overwrite, landing_lambda=args.landing_lambda)
+    print(f"wrote PoLAR adapter to {out}")
+    return 0

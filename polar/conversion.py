@@ -1,0 +1,232 @@
+"""Conversions between PoLAR adapters and LoRA-layout adapters.
+
+* :func:`export_lora` writes a standard PEFT LoRA adapter that reproduces a PoLAR adapter exactly, so servers
+  that only know LoRA (vLLM, TGI, ...) can serve it: B = (alpha/r)·X Θ, A = Yᵀ, LoRA scaling 1.
+* :func:`convert_reference` reads adapters saved by the PoLAR reference code (a LoRA-style folder with extra
+  ``lora_S`` tensors, which vanilla PEFT silently drops) and writes them in this package's format.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from peft.utils.other import get_pattern_key
+from safetensors.torch import save_file
+from torch import nn
+
+from polar.io import atomic_directory, atomic_write_json, read_adapter_config, read_adapter_weights
+from polar.tuner import PolarConfig
+from polar.tuner.config import PolarPeftType
+
+POLAR_SUFFIXES = ("polar_X", "polar_Y", "polar_theta")
+_PEFT_ONLY_FIELDS = ("peft_type", "auto_mapping", "peft_version")
+
+
+def _polar_state(source: Union[str, os.PathLike, nn.Module], adapter_name: str) -> tuple[dict[str, Any], dict]:
+    """(config dict, saved-format state dict) of a PoLAR adapter given as a folder or a live PEFT model."""
+    if isinstance(source, nn.Module):
+        configs = getattr(source, "peft_config", None)
+        if not isinstance(configs, dict) or adapter_name not in configs:
+            raise ValueError(f"The model holds no adapter named {adapter_name!r}; adapters: {list(configs or {})}.")
+        config = configs[adapter_name]
+        if not isinstance(config, PolarConfig):
+            raise ValueError(f"Adapter {adapter_name!r} is a {config.peft_type} adapter, not PoLAR.")
+        state = get_peft_model_state_dict(source, adapter_name=adapter_name)
+        config_dict = config.to_dict()
+    else:
+        config_dict = read_adapter_config(source)
+        if config_dict.get("peft_type") != PolarPeftType.POLAR.value:
+            raise ValueError(
+                f"{source} holds a {config_dict.get('peft_type')} adapter, not PoLAR. For adapters saved by the "
+                "PoLAR reference code use convert_reference (polar convert) first."
+            )
+        state = read_adapter_weights(source)
+    return config_dict, {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
+    module, _, leaf = key.rpartition(".")
+    return (module, leaf) if leaf in suffixes else None
+
+
+def export_lora(
+    model_or_adapter_dir: Union[str, os.PathLike, nn.Module],
+    out_dir: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    overwrite: bool = False,
+) -> Path:
+    """Write a plain PEFT LoRA adapter (peft_type LORA, same ranks) equal to a PoLAR adapter.
+
+    Args:
+        model_or_adapter_dir: a PoLAR adapter folder (``save_pretrained`` output) or a model holding the adapter.
+        out_dir: the folder to write; it appears complete or not at all.
+        adapter_name: which adapter of a live model to export.
+        overwrite: replace ``out_dir`` if it exists.
+
+    Returns:
+        ``out_dir`` as a Path. Load it with ``PeftModel.from_pretrained(base, out_dir)``; ``polar`` is not needed.
+    """
+    config, state = _polar_state(model_or_adapter_dir, adapter_name)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    passthrough: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        split = _split_key(key, POLAR_SUFFIXES)
+        if split is None:
+            passthrough[key] = tensor  # modules_to_save and the like load the same way under LoRA
+        else:
+            modules.setdefault(split[0], {})[split[1]] = tensor
+    if not modules:
+        raise ValueError(f"{model_or_adapter_dir} holds no PoLAR tensors ({', '.join(POLAR_SUFFIXES)}).")
+
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    lora_state = dict(passthrough)
+    lora_rank_pattern: dict[str, int] = {}
+    for module, tensors in sorted(modules.items()):
+        missing = [s for s in POLAR_SUFFIXES if s not in tensors]
+        if missing:
+            raise ValueError(f"PoLAR module {module} lacks {', '.join(missing)}; the adapter is incomplete.")
+        x, y, theta = tensors["polar_X"], tensors["polar_Y"], tensors["polar_theta"]
+        r = x.shape[1]
+        name = module.removeprefix("base_model.model.")
+        alpha_key = get_pattern_key(alpha_pattern.keys(), name)
+        alpha = float(alpha_pattern.get(alpha_key, config["alpha"]))
+        theta = torch.diag(theta) if theta.ndim == 1 else theta
+        dtype = x.dtype
+        b = (x.double() @ theta.double()) * (alpha / r)
+        lora_state[f"{module}.lora_A.weight"] = y.double().T.to(dtype).contiguous()
+        lora_state[f"{module}.lora_B.weight"] = b.to(dtype).contiguous()
+        if r != config["r"]:
+            lora_rank_pattern[f"^{re.escape(name)}$"] = r
+
+    # Scaling lora_alpha / r must be 1 everywhere: PoLAR's scaling is already folded into B.
+    lora_config = LoraConfig(
+        r=config["r"],
+        lora_alpha=config["r"],
+        rank_pattern=lora_rank_pattern,
+        alpha_pattern=dict(lora_rank_pattern),
+        target_modules=config.get("target_modules"),
+        exclude_modules=config.get("exclude_modules"),
+        layers_to_transform=config.get("layers_to_transform"),
+        layers_pattern=config.get("layers_pattern"),
+        modules_to_save=config.get("modules_to_save"),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        lora_dropout=float(config.get("dropout", 0.0)),
+        bias="none",
+        task_type=config.get("task_type"),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        revision=config.get("revision"),
+        inference_mode=True,
+    )
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        lora_config.save_pretrained(tmp)
+        save_file(lora_state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    return Path(out_dir)
+
+
+_REFERENCE_KEY = re.compile(
+    r"^(?P<module>.+)\.lora_(?P<factor>[ABS])(?:\.(?P<adapter>[A-Za-z0-9_-]+))?"
+    r"(?:\.weight|\.parametrizations\.weight\.original)$"
+)
+
+
+def _reference_scaling(config: dict[str, Any], module: str, r: int) -> float:
+    name = module.removeprefix("base_model.model.")
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", r)))
+    return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+
+
+def convert_reference(
+    src_dir: Union[str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+    overwrite: bool = False,
+    landing_lambda: float | None = None,
+) -> Path:
+    """Convert an adapter saved by the PoLAR reference code into a PoLAR adapter of this package.
+
+    The source holds a LoRA-style ``adapter_config.json`` and ``lora_A`` (r × in), ``lora_B`` (out × r) and
+    ``lora_S`` (r × r, possibly stored as ``lora_S.parametrizations.weight.original``) tensors; its update is
+    ΔW = s · B S A. The result has X = B, Y = Aᵀ, Θ = S (rescaled if the scalings differ), so ΔW is identical.
+    Factors are copied as they are: if the reference run let them drift off the manifold they still do
+    (``polar.reorthonormalize`` fixes that without changing ΔW).
+
+    Returns:
+        ``out_dir`` as a Path, loadable with ``PeftModel.from_pretrained(base, out_dir)`` after ``import polar``.
+    """
+    src_dir = Path(src_dir)
+    ref_config = read_adapter_config(src_dir)
+    weights = read_adapter_weights(src_dir)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    passthrough: dict[str, torch.Tensor] = {}
+    for key, tensor in weights.items():
+        match = _REFERENCE_KEY.match(key)
+        if match is None:
+            passthrough[key] = tensor
+        else:
+            modules.setdefault(match["module"], {})[match["factor"]] = tensor
+    if not modules:
+        raise ValueError(
+            f"{src_dir} holds no reference PoLAR tensors (lora_A / lora_B / lora_S); keys found: "
+            f"{', '.join(sorted(weights)[:8]) or 'none'}."
+        )
+
+    default_r = int(ref_config.get("r", 8))
+    default_alpha = float(ref_config.get("lora_alpha", default_r))
+    diagonal = {tensors["S"].ndim == 1 for tensors in modules.values() if "S" in tensors}
+    if len(diagonal) > 1:
+        raise ValueError(f"{src_dir} mixes diagonal and full lora_S tensors; cannot convert to one PolarConfig.")
+    polar_config = PolarConfig(
+        r=default_r,
+        alpha=default_alpha,
+        dropout=float(ref_config.get("lora_dropout", 0.0)),
+        target_modules=ref_config.get("target_modules"),
+        exclude_modules=ref_config.get("exclude_modules"),
+        layers_to_transform=ref_config.get("layers_to_transform"),
+        layers_pattern=ref_config.get("layers_pattern"),
+        modules_to_save=ref_config.get("modules_to_save"),
+        theta="diagonal" if diagonal == {True} else "full",
+        fan_in_fan_out=bool(ref_config.get("fan_in_fan_out", False)),
+        task_type=ref_config.get("task_type"),
+        base_model_name_or_path=ref_config.get("base_model_name_or_path"),
+        revision=ref_config.get("revision"),
+        **({} if landing_lambda is None else {"landing_lambda": landing_lambda}),
+    )
+
+    state = dict(passthrough)
+    for module, tensors in sorted(modules.items()):
+        missing = [f"lora_{f}" for f in "ABS" if f not in tensors]
+        if missing:
+            raise ValueError(
+                f"Module {module} in {src_dir} lacks {', '.join(missing)}: this is not a PoLAR reference adapter "
+                "(a plain LoRA adapter has no lora_S; load it with PEFT's LoraConfig instead)."
+            )
+        a, b, s = tensors["A"], tensors["B"], tensors["S"]
+        r = a.shape[0]
+        expected_s = (r,) if s.ndim == 1 else (r, r)
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or tuple(s.shape) != expected_s:
+            raise ValueError(
+                f"Module {module}: inconsistent shapes lora_A {tuple(a.shape)} (r × in), lora_B {tuple(b.shape)} "
+                f"(out × r), lora_S {tuple(s.shape)} (r × r)."
+            )
+        name = module.removeprefix("base_model.model.")
+        if r != default_r:
+            polar_config.rank_pattern[f"^{re.escape(name)}$"] = r
+        # Any difference between the reference's scaling (alpha_pattern, rsLoRA) and ours is folded into Θ.
+        ratio = _reference_scaling(ref_config, module, r) / (default_alpha / r)
+        dtype = a.dtype
+        state[f"{module}.polar_X"] = b.contiguous()
+        state[f"{module}.polar_Y"] = a.T.contiguous()
+        state[f"{module}.polar_theta"] = (s.double() * ratio).to(dtype).contiguous()
+
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        polar_config.save_pretrained(tmp)
+        save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        atomic_write_json(
+            tmp / "conversion.json", {"converted_from": str(src_dir.resolve()), "format": "polar-reference"}
+        )
+    return Path(out_dir)

@@ -1,0 +1,210 @@
+"""PoLAR layers: y = W x + (alpha / r) · X Θ Yᵀ x, with X (out × r) and Y (in × r) orthonormal."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from torch import nn
+
+from .config import PolarConfig
+
+
+class PolarLayer(BaseTunerLayer):
+    """Adapter state shared by every PoLAR layer type.
+
+    Both factors are stored *tall* (X: out × r, Y: in × r) so that row-sharding (FSDP2 ``Shard(0)``) splits
+    them along the dimension the landing field reduces over, and so no transposes are needed in the optimiser.
+    """
+
+    adapter_layer_names = ("polar_X", "polar_Y", "polar_theta")
+    other_param_names = ("r", "alpha", "scaling", "polar_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.polar_dropout = nn.ModuleDict({})
+        self.polar_X = nn.ParameterDict({})
+        self.polar_Y = nn.ParameterDict({})
+        self.polar_theta = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"PoLAR cannot adapt a layer of type {type(self.get_base_layer()).__name__}.")
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        config: PolarConfig,
+        module_name: str = "",
+        inference_mode: bool = False,
+    ) -> None:
+        where = f" for module '{module_name}'" if module_name else ""
+        max_rank = min(self.in_features, self.out_features)
+        if r <= 0 or r > max_rank:
+            raise ValueError(
+                f"PoLAR rank r={r}{where} must be between 1 and min(in_features, out_features) = "
+                f"min({self.in_features}, {self.out_features}) = {max_rank}: X and Y need r orthonormal columns. "
+                "Lower r, or override it for this module with rank_pattern."
+            )
+        self.r[adapter_name] = r
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / r
+        dropout = nn.Dropout(p=config.dropout) if config.dropout > 0.0 else nn.Identity()
+        self.polar_dropout[adapter_name] = dropout
+
+        self.polar_X[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
+        self.polar_Y[adapter_name] = nn.Parameter(torch.empty(self.in_features, r))
+        theta_shape = (r,) if config.theta == "diagonal" else (r, r)
+        self.polar_theta[adapter_name] = nn.Parameter(torch.empty(theta_shape))
+        self.reset_polar_parameters(adapter_name, config.init)
+
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_polar_parameters(self, adapter_name: str, init: str = "orthogonal") -> None:
+        if init != "orthogonal":
+            raise ValueError(f"Unknown PoLAR init {init!r}; supported: 'orthogonal'.")
+        with torch.no_grad():
+            # orthogonal_ yields contiguous tensors and works on the meta device (torch.linalg.qr does neither).
+            nn.init.orthogonal_(self.polar_X[adapter_name])
+            nn.init.orthogonal_(self.polar_Y[adapter_name])
+            nn.init.zeros_(self.polar_theta[adapter_name])
+
+    def theta_matrix(self, adapter_name: str) -> torch.Tensor:
+        """Θ as an r × r matrix (a diagonal Θ is stored as its r diagonal entries)."""
+        theta = self.polar_theta[adapter_name]
+        return torch.diag(theta) if theta.ndim == 1 else theta
+
+    def delta_weight_linear(self, adapter_name: str) -> torch.Tensor:
+        """ΔW = scaling · X Θ Yᵀ in ``nn.Linear`` orientation (out × in), whatever the base layer's layout."""
+        x, y = self.polar_X[adapter_name], self.polar_Y[adapter_name]
+        theta = self.theta_matrix(adapter_name)
+        dtype = x.dtype
+        # CPUs are slow (and lossy) at half-precision matmuls: accumulate in fp32 there.
+        if x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            x, y, theta = x.float(), y.float(), theta.float()
+        delta = (x @ theta) @ y.T * self.scaling[adapter_name]
+        return delta.to(dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW in the base weight's own layout (transposed for ``fan_in_fan_out`` layers such as ``Conv1D``)."""
+        if adapter_name not in self.polar_X:
+            raise ValueError(f"PoLAR adapter {adapter_name!r} not found; this layer has {list(self.polar_X)}.")
+        delta = self.delta_weight_linear(adapter_name)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class PolarLinear(nn.Module, PolarLayer):
+    """PoLAR around ``nn.Linear``, transformers' ``Conv1D`` (``fan_in_fan_out``) or a quantised linear layer."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        config: PolarConfig,
+        fan_in_fan_out: bool = False,
+        module_name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        PolarLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, alpha, config=config, module_name=module_name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active (or given) adapters' ΔW into the base weight.
+
+        Args:
+            safe_merge: compute the merged weight on a copy and refuse it if it holds NaN or inf.
+            adapter_names: adapters to merge; all active adapters when ``None``.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+            raise TypeError(
+                f"Cannot merge PoLAR into a {self.quantization_backend.backend_name} layer: it cannot be "
+                "dequantised. Keep the adapter unmerged, or load the base model unquantised to merge."
+            )
+        for name in adapter_names:
+            if name not in self.polar_X:
+                continue
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+            if safe_merge:
+                merged = weight.clone() + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"NaN or inf in the merged weights of PoLAR adapter {name!r}; the adapter seems broken, "
+                        "nothing was merged."
+                    )
+                self.set_base_weight(merged)
+            else:
+                self.set_base_weight(weight + delta)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ΔW from the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.polar_X:
+                weight = self.get_base_weight()
+                delta = self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+                self.set_base_weight(weight - delta)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            result = self.base_layer(x, *args, **kwargs)
+        elif self.merged:
+            result = self.base_layer(x, *args, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            if self.quantization_backend is not None:
+                result = self.quantization_backend.maybe_clone_base_result(result)
+            result_dtype = result.dtype
+            for name in self.active_adapters:
+                if name not in self.polar_X:
+                    continue
+                y_factor = self.polar_Y[name]
+                h = self._cast_input_dtype(self.polar_dropout[name](x), y_factor.dtype)
+                # Row inputs: x Y Θᵀ Xᵀ, cost O((in + out) r) per row; ΔW is never formed.
+                h = h @ y_factor
+                theta = self.polar_theta[name]
+                h = h * theta if theta.ndim == 1 else h @ theta.T
+                h = h @ self.polar_X[name].T
+                result = result + (h * self.scaling[name]).to(result_dtype)
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "polar." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return quantization_extra_repr(self)
