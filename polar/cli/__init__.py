@@ -13,6 +13,8 @@ import sys
 COMMAND_MODULES = [
     "export",
     "convert",
+    "analyze",
+    "plot",
 ]
 
 
