@@ -1,0 +1,334 @@
+"""Benchmarks of the landing optimiser (issue 3). Writes a markdown report (``--out``) and prints it.
+
+Sections (all ratios are taken within one run, so machine-wide noise affects both sides alike):
+
+1. ``grid``: per-factor cost on shapes n ∈ {768, 4096, 11008} × r ∈ {4, 32, 256} of
+   our O(n r²) field, the reference n × n formulation ((G Xᵀ − X Gᵀ) X, formed explicitly), an SVD polar
+   retraction (U Vᵀ of X), a QR retraction, and our Gram-based polar retraction X (XᵀX)^{-1/2}.
+2. ``set7b``: one optimiser step over a Llama-2-7B-shaped r = 32 adapter set (256 × (4096, 32) + 64 × (11008, 32)
+   factors + 160 Θ's of 32 × 32, random data): LandingAdamW vs torch.optim.AdamW alone, same AdamW settings.
+3. ``train``: a full training step (forward, backward, optimiser) of a small Llama built from a config with PoLAR
+   (LandingAdamW) vs PEFT LoRA and DoRA (torch AdamW) at equal r, with peak memory.
+
+Memory on CPU: the torch profiler's per-op allocation events (``profile_memory=True``) are replayed in time order;
+"transient peak" is the high-water mark of live bytes allocated during one training step above what was live when
+it began; "steady" is parameters + gradients + optimiser state (exact byte counts). On CUDA,
+``torch.cuda.max_memory_allocated`` is used instead (peak minus the allocation at step start).
+
+    .venv/bin/python benchmarks/bench_landing.py --out /tmp/bench_landing.md
+    .venv/bin/python benchmarks/bench_landing.py --device cuda --out bench_cuda.md   # see gpu_check.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from polar.optim import LandingAdamW
+from polar.optim.landing import landing_field, retract_polar, retract_qr
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, target_s: float, max_rep: int, min_rep: int = 3) -> float:
+    """Median wall time of ``fn`` (seconds): one warm-up call, then as many repeats as fit in ``target_s``."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    reps = int(min(max_rep, max(min_rep, target_s / max(first, 1e-9))))
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fmt_t(s: float) -> str:
+    if s != s:  # nan
+        return "skipped"
+    return f"{s * 1e6:.0f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1.0 else f"{s:.2f} s"
+
+
+# ------------------------------------------------------------------------------------------------ 1. grid
+def nn_field(X: torch.Tensor, G: torch.Tensor, lam: float) -> torch.Tensor:
+    """The reference formulation: the n × n skew matrix G Xᵀ − X Gᵀ is formed explicitly."""
+    eye = torch.eye(X.shape[1], device=X.device, dtype=X.dtype)
+    return (G @ X.T - X @ G.T) @ X + lam * X @ (X.T @ X - eye)
+
+
+def svd_polar(X: torch.Tensor) -> torch.Tensor:
+    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    return U @ Vh
+
+
+def bench_grid(device: torch.device, ns: list[int], rs: list[int], target_s: float, nn_max_gflop: float) -> str:
+    rows = [
+        "| n | r | ours (O(n r²)) | n × n form | speed-up vs n × n | SVD polar retr. | QR retr. | Gram polar retr. (ours) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    skipped = []
+    for n in ns:
+        for r in rs:
+            g = torch.Generator(device="cpu").manual_seed(n + r)
+            X = torch.linalg.qr(torch.randn(n, r, generator=g))[0].contiguous().to(device)
+            G = torch.randn(n, r, generator=g).to(device)
+            t_ours = timeit(lambda: landing_field(X, G, 5e-3), device, target_s, 200)
+            gflop = 4 * n * n * r / 1e9
+            if gflop <= nn_max_gflop:
+                t_nn = timeit(lambda: nn_field(X, G, 5e-3), device, target_s, 50)
+            else:
+                t_nn = float("nan")
+                skipped.append(f"({n}, {r}): {gflop:.0f} GFLOP + {n * n * 4 / 1e9:.1f} GB n × n buffers")
+            t_svd = timeit(lambda: svd_polar(X), device, target_s, 50)
+            t_qr = timeit(lambda: retract_qr(X), device, target_s, 50)
+            t_gp = timeit(lambda: retract_polar(X), device, target_s, 100)
+            speed = "—" if t_nn != t_nn else f"**{t_nn / t_ours:.0f}×**"
+            rows.append(
+                f"| {n} | {r} | {fmt_t(t_ours)} | {fmt_t(t_nn)} | {speed} | {fmt_t(t_svd)} | {fmt_t(t_qr)} | {fmt_t(t_gp)} |"
+            )
+            print(rows[-1], flush=True)
+            del X, G
+    text = "\n".join(rows)
+    if skipped:
+        text += "\n\nn × n form skipped (over --nn-max-gflop = %g): %s." % (nn_max_gflop, "; ".join(skipped))
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ 2. 7B set
+def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | None = None) -> str:
+    torch.manual_seed(0)
+    shapes = [(4096, r)] * 256 + [(11008, r)] * 64
+    thetas = 160
+
+    def make():
+        xs = [torch.nn.Parameter(torch.linalg.qr(torch.randn(n, k, device=device))[0].contiguous()) for n, k in shapes]
+        ths = [torch.nn.Parameter(0.01 * torch.randn(r, r, device=device)) for _ in range(thetas)]
+        for p in xs + ths:
+            p.grad = 1e-3 * torch.randn_like(p)
+        return xs, ths
+
+    xs, ths = make()
+    kw = {} if foreach is None else {"foreach": foreach}
+    landing = LandingAdamW(
+        [dict(params=xs, polar_role="stiefel"), dict(params=ths, polar_role="theta")], lr=4e-3, **kw
+    )
+    plain = torch.optim.AdamW(xs + ths, lr=4e-3, **kw)
+    @torch.no_grad()
+    def transform_only():
+        swapped, _post = landing._transform_gradients()
+        for p, g in swapped:  # put the raw gradients back, as step() does
+            p.grad = g
+
+    # Both see the same parameters and gradients (the steps are tiny, so repeated steps stay realistic). The three
+    # are interleaved rep by rep, so changes in machine load hit all of them alike.
+    fns = {"plain": plain.step, "landing": landing.step, "transform": transform_only}
+    for fn in fns.values():
+        fn()  # warm-up: allocates AdamW state and buffers
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    t_plain, t_land, t_transform = (statistics.median(times[k]) for k in ("plain", "landing", "transform"))
+    m_plain, m_land, m_transform = (min(times[k]) for k in ("plain", "landing", "transform"))
+    n_params = sum(p.numel() for p in xs)
+    impl = "foreach" if foreach else ("default (" + ("foreach" if device.type == "cuda" else "for-loop") + ")")
+    return "\n".join(
+        [
+            f"{len(shapes)} factors ({n_params / 1e6:.1f} M values, fp32) + {thetas} Θ's (r = {r}); AdamW implementation: {impl}; median of {reps} steps.",
+            "",
+            "| step | median | ratio vs AdamW alone (median) | min | ratio (min) |",
+            "|---|---|---|---|---|",
+            f"| torch.optim.AdamW alone | {fmt_t(t_plain)} | 1.00× | {fmt_t(m_plain)} | 1.00× |",
+            f"| LandingAdamW (landing + AdamW) | {fmt_t(t_land)} | **{t_land / t_plain:.2f}×** | {fmt_t(m_land)} | **{m_land / m_plain:.2f}×** |",
+            f"| landing transform alone (stack, Grams, field) | {fmt_t(t_transform)} | {t_transform / t_plain:.2f}× | {fmt_t(m_transform)} | {m_transform / m_plain:.2f}× |",
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------------ 3. training step
+def _tiny_llama(device: torch.device, hidden: int, layers: int):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=2048, hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+    )
+    return transformers.LlamaForCausalLM(cfg).to(device)
+
+
+def _steady_bytes(model, opt) -> int:
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # grads
+    for st in opt.state.values():
+        total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    # LandingAdamW keeps its stacking / field buffers across steps on CPU: count them as steady memory.
+    total += sum(b.numel() * b.element_size() for b in getattr(opt, "_ws", {}).values())
+    return total
+
+
+def _transient_peak_cpu(step: Callable[[], None]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def bench_train(device: torch.device, hidden: int, layers: int, r: int, batch: int, seq: int, reps: int) -> str:
+    import peft
+
+    from polar import PolarConfig
+    from polar.optim import make_optimizer
+
+    targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    ids = torch.randint(0, 2048, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    base = _tiny_llama(device, hidden, layers)
+    setups = {
+        "PoLAR (LandingAdamW)": lambda m: (
+            peft.get_peft_model(m, PolarConfig(r=r, alpha=32, target_modules=targets)),
+            lambda pm: make_optimizer(pm, lr=4e-3),
+        ),
+        "LoRA (AdamW)": lambda m: (
+            peft.get_peft_model(m, peft.LoraConfig(r=r, lora_alpha=32, target_modules=targets)),
+            lambda pm: torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=4e-4),
+        ),
+        "DoRA (AdamW)": lambda m: (
+            peft.get_peft_model(m, peft.LoraConfig(r=r, lora_alpha=32, target_modules=targets, use_dora=True)),
+            lambda pm: torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=4e-4),
+        ),
+    }
+    models = {}
+    for name, build in setups.items():
+        pm, mk = build(copy.deepcopy(base))
+        models[name] = (pm, mk(pm))
+
+    def stepper(pm, opt):
+        def step():
+            loss = pm(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    # Interleave the three setups repeatedly (round robin) so load changes on the shared machine hit all alike.
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for pm, opt in models.values():
+        stepper(pm, opt)()  # warm-up, allocates optimiser state
+    for _ in range(reps):
+        for name, (pm, opt) in models.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            stepper(pm, opt)()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    rows = [
+        "| adapter | trainable params | step (fwd+bwd+opt), median | vs LoRA | min | vs LoRA (min) | steady mem (params+grads+opt state+buffers) | transient peak during step | total peak | vs LoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    mins = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peaks = {}
+    for name, (pm, opt) in models.items():
+        steady = _steady_bytes(pm, opt)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            stepper(pm, opt)()
+            torch.cuda.synchronize()
+            transient = torch.cuda.max_memory_allocated() - start
+        else:
+            transient = _transient_peak_cpu(stepper(pm, opt))
+        peaks[name] = (steady, transient, steady + transient)
+    lora_t, lora_m, lora_min = med["LoRA (AdamW)"], peaks["LoRA (AdamW)"][2], mins["LoRA (AdamW)"]
+    for name, (pm, _opt) in models.items():
+        steady, transient, total = peaks[name]
+        ntrain = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+        rows.append(
+            f"| {name} | {ntrain / 1e3:.0f} k | {fmt_t(med[name])} | **{med[name] / lora_t:.3f}×** | {fmt_t(mins[name])} | "
+            f"**{mins[name] / lora_min:.3f}×** | {steady / 2**20:.1f} MiB | "
+            f"{transient / 2**20:.1f} MiB | {total / 2**20:.1f} MiB | **{total / lora_m:.3f}×** |"
+        )
+    head = (
+        f"Llama from config: hidden {hidden}, {layers} layers, vocab 2048; adapters on {', '.join(targets)}, r = {r}; "
+        f"batch {batch} × {seq} tokens, fp32; median of {reps} interleaved steps."
+    )
+    return head + "\n\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sections", default="grid,set7b,train", help="comma-separated subset of grid,set7b,train")
+    ap.add_argument("--ns", default="768,4096,11008")
+    ap.add_argument("--rs", default="4,32,256")
+    ap.add_argument("--target-s", type=float, default=0.5, help="seconds of repeats per grid cell and method")
+    ap.add_argument("--nn-max-gflop", type=float, default=None, help="skip the n × n form above this (CPU: 20)")
+    ap.add_argument("--set-reps", type=int, default=5)
+    ap.add_argument("--foreach", action="store_true", help="use foreach AdamW in the 7B-set section (both sides)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--train-reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA requested but not available", file=sys.stderr)
+        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    nn_max = a.nn_max_gflop if a.nn_max_gflop is not None else (20.0 if device.type == "cpu" else 1e9)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    out = [f"Device: {device.type} ({dev_name}); torch {torch.__version__}.", ""]
+    sections = set(a.sections.split(","))
+    t_all = time.perf_counter()
+    if "grid" in sections:
+        out += ["### Per-factor cost (fp32, median)", "",
+                bench_grid(device, [int(x) for x in a.ns.split(",")], [int(x) for x in a.rs.split(",")], a.target_s, nn_max), ""]
+    if "set7b" in sections:
+        out += ["### One optimiser step, Llama-2-7B-shaped r = 32 adapter set", "", bench_set7b(device, a.set_reps, foreach=a.foreach or None), ""]
+        print(out[-2], flush=True)
+    if "train" in sections:
+        out += ["### Full training step, small Llama, PoLAR vs LoRA vs DoRA", "",
+                bench_train(device, a.hidden, a.layers, a.r, a.batch, a.seq, a.train_reps), ""]
+        print(out[-2], flush=True)
+    out.append(f"(total benchmark time {time.perf_counter() - t_all:.0f} s)")
+    text = "\n".join(out)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

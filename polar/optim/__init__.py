@@ -1,0 +1,8 @@
+"""Landing optimiser for PoLAR: pure kernels (:mod:`.landing`), the optimiser (:mod:`.optimizer`),
+re-orthonormalisation (:mod:`.stabilize`) and Trainer integration (:mod:`.trainer`)."""
+
+from .landing import landing_field, orthogonality_error
+from .optimizer import LandingAdamW, make_optimizer
+from .stabilize import reorthonormalize
+
+__all__ = ["LandingAdamW", "landing_field", "make_optimizer", "orthogonality_error", "reorthonormalize"]

@@ -1,0 +1,516 @@
+"""LandingAdamW: AdamW whose PoLAR factors are fed the landing field instead of their raw gradient.
+
+The whole optimiser is this file. Kernels live in :mod:`polar.optim.landing`; re-orthonormalisation in
+:mod:`polar.optim.stabilize`.
+
+How a step works (all inside ``step()``, so it runs once per optimiser step: after gradient accumulation, after
+AMP unscaling and gradient clipping, under any training loop, DeepSpeed included):
+
+1. Every parameter group with ``polar_role == "stiefel"`` holds tall factors (X: out × r, Y: in × r). Their
+   gradients are bucketed by (mode, shape, dtype, device), and each bucket is stacked into one ``k × n × r``
+   tensor, so the Python work per step grows with the number of *distinct shapes*, not with the number of layers.
+2. Per bucket: the r × r Gram matrices XᵀX and GᵀX (fp32 accumulation) → :meth:`LandingAdamW._reduce_grams`
+   (identity here; a row-sharded subclass all-reduces them) → the field ``G XᵀX − X (GᵀX − λ (XᵀX − I))``.
+3. The field (cast to the parameter dtype) temporarily *replaces* ``p.grad`` and ``torch.optim.AdamW``'s own step
+   runs unchanged over all groups (so foreach/fused kernels, state layout and ``state_dict`` are AdamW's); the raw
+   gradients are put back afterwards.
+4. Post-step per mode: retraction (``mode="retraction"``), the safe-step limiter (``safe_step=True``), and every
+   ``stabilize_every`` steps an exact re-orthonormalisation that folds QR factors into Θ.
+
+Roles and options are *param-group options* (``polar_role``, ``polar_block``, ``landing_lambda``, ``mode``,
+``retraction``, ``safe_step``, ``stabilize_every``), never dicts keyed by tensor identity, so they survive
+accelerate / FSDP2 swapping the parameter objects, and they are saved by ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .landing import (
+    compute_dtype,
+    landing_field_from_grams,
+    no_autocast,
+    penalty_field_from_grams,
+    orthogonality_error_from_gram,
+    retract_polar,
+    retract_qr,
+    safe_step_size,
+)
+from .stabilize import reorthonormalize_triples
+
+__all__ = ["LandingAdamW", "make_optimizer", "VALID_MODES", "VALID_RETRACTIONS"]
+
+VALID_MODES = ("landing", "penalty", "retraction", "euclidean")
+VALID_RETRACTIONS = ("qr", "polar")
+VALID_ROLES = (None, "stiefel", "theta")
+
+# Group options added to every param group (defaults; a group may override any of them).
+_POLAR_DEFAULTS: dict[str, Any] = {
+    "polar_role": None,  # "stiefel" (X / Y factors), "theta" (Θ, plain AdamW), None (anything else)
+    "polar_factor": None,  # "X" / "Y": informational
+    "polar_block": None,  # ties the X, Y and Θ groups of one adapter (positional pairing) for stabilize_every
+    "landing_lambda": 5e-3,
+    "mode": "landing",
+    "retraction": "qr",
+    "safe_step": False,
+    "safe_step_eps": 0.5,
+    "stabilize_every": 0,
+    "polar_steps": 0,  # optimiser steps taken by this group (drives stabilize_every; saved in state_dict)
+}
+
+
+def _adamw_step_unhooked() -> Callable[..., Any]:
+    # torch wraps ``<cls>.step`` with the step-hook/profiler wrapper on first construction; calling the wrapped
+    # AdamW.step from inside our (also wrapped) step would run per-instance step hooks twice.
+    fn = torch.optim.AdamW.step
+    return fn.__wrapped__ if getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__") else fn
+
+
+class LandingAdamW(torch.optim.AdamW):
+    """AdamW with the landing transform on parameter groups whose ``polar_role`` is ``"stiefel"``.
+
+    Args:
+        params: parameters or param groups, as for ``torch.optim.AdamW``. Groups may carry the PoLAR options
+            below; :func:`make_optimizer` builds the groups for a PoLAR model.
+        lr, betas, eps, weight_decay: AdamW hyper-parameters (defaults for groups that do not set them).
+        landing_lambda: λ of the normal term (reference convention, default 5e-3).
+        mode: ``"landing"`` (field to AdamW), ``"penalty"`` (G + λ X(XᵀX − I) to AdamW), ``"retraction"``
+            (Riemannian gradient G XᵀX − X GᵀX to AdamW, then a retraction), ``"euclidean"`` (plain AdamW).
+        retraction: ``"qr"`` or ``"polar"`` (used by ``mode="retraction"``).
+        safe_step: limit each factor's AdamW displacement to the landing papers' safe step η*·‖Λ‖_F
+            (``mode="landing"`` only; see :func:`polar.optim.landing.safe_step_size`).
+        stabilize_every: every k optimiser steps, re-orthonormalise X and Y and fold the QR factors into Θ
+            (ΔW unchanged); 0 disables. Needs the X, Y and Θ groups tied by ``polar_block``.
+        chunk_bytes: work on stacks of at most this many bytes per tensor (default: 4 MiB on CPU, so the stacks
+            stay in cache between the Gram and field products; whole buckets on GPU). ``0`` = whole buckets.
+        **adamw_kwargs: passed to ``torch.optim.AdamW`` (``foreach``, ``fused``, ``amsgrad``, ...).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        landing_lambda: float = 5e-3,
+        mode: str = "landing",
+        retraction: str = "qr",
+        safe_step: bool = False,
+        stabilize_every: int = 0,
+        chunk_bytes: Optional[int] = None,
+        **adamw_kwargs: Any,
+    ) -> None:
+        # Must exist before Optimizer.__init__, which calls add_param_group.
+        self._polar_defaults = dict(
+            _POLAR_DEFAULTS,
+            landing_lambda=landing_lambda,
+            mode=mode,
+            retraction=retraction,
+            safe_step=safe_step,
+            stabilize_every=stabilize_every,
+        )
+        self._last_orth: list[torch.Tensor] = []
+        self._ws: dict[tuple, torch.Tensor] = {}
+        self._chunk_bytes = chunk_bytes
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **adamw_kwargs)
+        # The landing field is not homogeneous in G (the normal term does not scale with a loss scale), so AMP's
+        # GradScaler must unscale the gradients *before* step(); fused Adam would otherwise let it defer that.
+        self._step_supports_amp_scaling = False
+        self.defaults.update({k: v for k, v in self._polar_defaults.items() if k not in self.defaults})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Optimizer.__getstate__ keeps only defaults/state/param_groups (pickle, deepcopy): rebuild the rest.
+        super().__setstate__(state)
+        self._step_supports_amp_scaling = False
+        self.__dict__.setdefault("_ws", {})
+        self.__dict__.setdefault("_last_orth", [])
+        self.__dict__.setdefault("_chunk_bytes", None)
+        self.__dict__.setdefault("_polar_defaults", {k: self.defaults.get(k, v) for k, v in _POLAR_DEFAULTS.items()})
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key, value in getattr(self, "_polar_defaults", _POLAR_DEFAULTS).items():
+            param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        role = group["polar_role"]
+        if role not in VALID_ROLES:
+            raise ValueError(f"unknown polar_role={role!r}; valid roles: 'stiefel', 'theta', or None")
+        if group["mode"] not in VALID_MODES:
+            raise ValueError(f"unknown mode={group['mode']!r}; valid modes: {', '.join(VALID_MODES)}")
+        if group["retraction"] not in VALID_RETRACTIONS:
+            raise ValueError(
+                f"unknown retraction={group['retraction']!r}; valid retractions: {', '.join(VALID_RETRACTIONS)}"
+            )
+        lam = group["landing_lambda"]
+        if lam is None or not lam >= 0:
+            raise ValueError(f"landing_lambda must be a number ≥ 0, got {lam!r}")
+        k = group["stabilize_every"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"stabilize_every must be an integer ≥ 0 (0 = off), got {k!r}")
+        if group["safe_step"] and group["mode"] != "landing":
+            raise ValueError(f"safe_step=True needs mode='landing' (got mode={group['mode']!r})")
+        if role == "stiefel":
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"a 'stiefel' parameter must be a matrix, got shape {tuple(p.shape)} "
+                        "(FSDP1/ZeRO flat shards are not supported; use FSDP2, which keeps matrix shapes)"
+                    )
+            if group["weight_decay"] != 0:
+                warnings.warn(
+                    "weight decay on Stiefel factors pulls them off the manifold and fights the landing term; "
+                    "make_optimizer() uses weight_decay=0 for X and Y.",
+                    stacklevel=3,
+                )
+
+    # ------------------------------------------------------------------ distributed hook
+    def _reduce_grams(self, grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook through which *every* quantity that sums over the rows of a factor flows before use.
+
+        Identity here. Keys: ``"xtx"`` (k × r × r, XᵀX), ``"gtx"`` (k × r × r, GᵀX), ``"field_sq"`` (k, ‖Λ‖_F²),
+        ``"delta_sq"`` (k, ‖ΔX‖_F² of the AdamW displacement). With factors row-sharded (FSDP2 ``Shard(0)``), a
+        subclass sums each tensor over the shard group (one small all-reduce per bucket and key; they may be
+        concatenated into one call) and everything else stays local: the field, the orthogonality error, the safe
+        step and the polar retraction are computed from these reduced values only.
+        """
+        return grams
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with no_autocast():  # step() may be called inside an autocast region; the kernels need fp32 accumulation
+            swapped, post = self._transform_gradients()
+            try:
+                _adamw_step_unhooked()(self)
+            finally:
+                for p, g in swapped:
+                    p.grad = g
+            self._post_step(post)
+        return loss
+
+    def _stiefel_buckets(self) -> dict[tuple, list[tuple[torch.Tensor, dict[str, Any]]]]:
+        buckets: dict[tuple, list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
+        for group in self.param_groups:
+            if group["polar_role"] != "stiefel":
+                continue
+            mode = group["mode"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LandingAdamW does not support sparse gradients")
+                wide = p.shape[0] < p.shape[1]
+                safe = float(group["safe_step_eps"]) if group["safe_step"] else None
+                key = (mode, group["retraction"], safe, tuple(p.shape), p.dtype, p.device, wide)
+                buckets[key].append((p, group))
+        return buckets
+
+    @staticmethod
+    def _lam(items: list[tuple[torch.Tensor, dict[str, Any]]], like: torch.Tensor) -> float | torch.Tensor:
+        lams = [g["landing_lambda"] for _, g in items]
+        if all(l == lams[0] for l in lams):
+            return float(lams[0])
+        return torch.tensor(lams, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+    def _workspace(self, name: tuple, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        # On CPU a fresh tensor of ≥ 32 MiB (glibc's largest mmap threshold) is a new mmap whose pages fault in on
+        # first touch, every step: measured, that doubles the cost of the transform on a 7B-sized adapter set.
+        # Those buffers are kept across steps (≈ 1× the factors' size, ~1-2 % of a model that large). Smaller ones
+        # come from the heap and are reused anyway, and on CUDA the caching allocator reuses blocks, while keeping
+        # them would hold memory that activations could use: allocate those per step.
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if device.type != "cpu" or nbytes < (32 << 20):
+            return torch.empty(shape, dtype=dtype, device=device)
+        buf = self._ws.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._ws[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def _chunk_len(self, shape: tuple[int, ...], cdt: torch.dtype, device: torch.device) -> int:
+        chunk_bytes = self._chunk_bytes if self._chunk_bytes is not None else (4 << 20 if device.type == "cpu" else 0)
+        if chunk_bytes <= 0:
+            return 1 << 62
+        per = shape[0] * shape[1] * torch.empty((), dtype=cdt).element_size()
+        return max(1, chunk_bytes // per)
+
+    def _transform_gradients(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dict[str, Any]]]:
+        swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+        post: list[dict[str, Any]] = []
+        self._last_orth = []
+        for key, items in self._stiefel_buckets().items():
+            mode, retraction, safe, shape, dtype, device, wide = key
+            params = [p for p, _ in items]
+            cdt = compute_dtype(dtype)
+            tall = (shape[1], shape[0]) if wide else shape
+            entry: dict[str, Any] = {"mode": mode, "retraction": retraction, "params": params, "wide": wide}
+            post.append(entry)
+            # Chunks: on CPU a few MiB, so that the stacked X and G are still in cache for the Gram and field
+            # products; on GPU the whole bucket at once (fewest launches).
+            step_len = len(items) if (safe is not None or wide) else self._chunk_len(tall, cdt, device)
+            in_place = not wide and cdt == dtype
+            field_all = None
+            if in_place and mode != "euclidean":  # the whole bucket's field: it becomes the gradients AdamW reads
+                field_all = self._workspace((key, "F"), (len(items), *tall), cdt, device)
+            x_olds, fields, dists, fnorms = [], [], [], []
+            for lo in range(0, len(items), step_len):
+                chunk = params[lo : lo + step_len]
+                n = len(chunk)
+                if in_place and safe is None:
+                    X = torch.stack(chunk, out=self._workspace((key, "X", n), (n, *tall), cdt, device))
+                else:
+                    X = torch.stack([p.mT if wide else p for p in chunk]).to(cdt)
+                G = None
+                if mode != "euclidean":
+                    if in_place:
+                        G = torch.stack([p.grad for p in chunk], out=self._workspace((key, "G", n), (n, *tall), cdt, device))
+                    else:
+                        G = torch.stack([p.grad.mT if wide else p.grad for p in chunk]).to(cdt)
+                grams = {"xtx": X.mT @ X}
+                if mode in ("landing", "retraction"):
+                    grams["gtx"] = G.mT @ X
+                grams = self._reduce_grams(grams)
+                xtx = grams["xtx"]
+                dist = orthogonality_error_from_gram(xtx)
+                dists.append(dist)
+                if mode == "euclidean":
+                    continue
+                lam = self._lam(items[lo : lo + step_len], xtx)
+                out = field_all[lo : lo + n] if field_all is not None else None
+                if mode == "penalty":
+                    field = penalty_field_from_grams(X, G, xtx, lam, out=out)
+                else:
+                    field = landing_field_from_grams(X, G, xtx, grams["gtx"], 0.0 if mode == "retraction" else lam, out=out)
+                fields.append(field)
+                if safe is not None:
+                    fsq = self._reduce_grams({"field_sq": field.square().sum(dim=(-2, -1))})["field_sq"]
+                    fnorms.append(fsq.sqrt())
+                    x_olds.append(X)
+                    entry["lam"] = lam
+            self._last_orth.extend(dists)
+            if mode == "euclidean":
+                continue
+            if safe is not None:
+                entry.update(x_old=torch.cat(x_olds), dist=torch.cat(dists), field_norm=torch.cat(fnorms), safe_eps=safe)
+            field = field_all if field_all is not None else (fields[0] if len(fields) == 1 else torch.cat(fields))
+            if wide:
+                field = field.mT
+            field = field.to(dtype)
+            for p, f in zip(params, field.unbind(0)):
+                swapped.append((p, p.grad))
+                p.grad = f if not wide else f.contiguous()
+        return swapped, post
+
+    def _post_step(self, post: list[dict[str, Any]]) -> None:
+        for entry in post:
+            params, wide = entry["params"], entry["wide"]
+            if entry["mode"] == "retraction":
+                X = torch.stack([p.mT if wide else p for p in params])
+                if entry["retraction"] == "qr":
+                    Q, _ = retract_qr(X)
+                else:
+                    cdt = compute_dtype(X.dtype)
+                    Xc = X.to(cdt)
+                    Q = retract_polar(Xc, xtx=self._reduce_grams({"xtx": Xc.mT @ Xc})["xtx"])
+                self._write(params, Q, wide)
+            elif "x_old" in entry:
+                x_old = entry["x_old"]
+                new = torch.stack([p.mT if wide else p for p in params]).to(x_old.dtype)
+                delta = new - x_old
+                dsq = self._reduce_grams({"delta_sq": delta.square().sum(dim=(-2, -1))})["delta_sq"]
+                lr = torch.tensor([g["lr"] for g in self._groups_of(params)], dtype=x_old.dtype, device=x_old.device)
+                # Plain landing moves X by η‖Λ‖; with η = min(lr, η*) that is min(lr, η*)·‖Λ‖. AdamW moves it by
+                # ‖ΔX‖ instead; cap that displacement at the same distance so the safe region is kept.
+                lam = entry["lam"]
+                lam = lam.view(-1) if isinstance(lam, torch.Tensor) else lam
+                eta = torch.minimum(lr, safe_step_size(lam, entry["dist"], entry["field_norm"], entry["safe_eps"]))
+                limit = eta * entry["field_norm"]
+                scale = torch.clamp(limit / dsq.sqrt().clamp_min(torch.finfo(dsq.dtype).tiny), max=1.0)
+                self._write(params, x_old + scale.view(-1, 1, 1) * delta, wide)
+        self._stabilize()
+
+    def _groups_of(self, params: list[torch.Tensor]) -> list[dict[str, Any]]:
+        owner = {id(p): g for g in self.param_groups for p in g["params"]}
+        return [owner[id(p)] for p in params]
+
+    @staticmethod
+    def _write(params: list[torch.Tensor], values: torch.Tensor, wide: bool) -> None:
+        for p, v in zip(params, values.unbind(0)):
+            p.copy_(v.mT if wide else v)
+
+    def _stabilize(self) -> None:
+        blocks: dict[Any, dict[str, dict[str, Any]]] = defaultdict(dict)
+        for group in self.param_groups:
+            if group["polar_role"] == "stiefel":
+                group["polar_steps"] += 1
+            if group["polar_block"] is not None and group["polar_role"] is not None:
+                slot = group["polar_factor"] if group["polar_role"] == "stiefel" else "theta"
+                blocks[group["polar_block"]][slot] = group
+        triples = []
+        for block, groups in blocks.items():
+            xg = groups.get("X")
+            k = xg["stabilize_every"] if xg is not None else 0
+            if k <= 0 or xg["polar_steps"] % k != 0:
+                continue
+            if set(groups) != {"X", "Y", "theta"} or not (
+                len(groups["X"]["params"]) == len(groups["Y"]["params"]) == len(groups["theta"]["params"])
+            ):
+                raise RuntimeError(
+                    f"stabilize_every needs, for polar_block={block!r}, an X, a Y and a Θ group of equal length "
+                    f"(positionally paired); found {sorted(groups)}. Build the optimiser with make_optimizer()."
+                )
+            triples += list(zip(groups["X"]["params"], groups["Y"]["params"], groups["theta"]["params"]))
+        if triples:
+            reorthonormalize_triples(triples)
+
+    # ------------------------------------------------------------------ reporting
+    @torch.no_grad()
+    def orthogonality_report(self, recompute: bool = False) -> dict[str, float]:
+        """``{"max": ..., "mean": ..., "count": n}`` of ‖XᵀX − I‖_F over the trainable factors.
+
+        By default these are the values measured for free during the last ``step()`` (on the factors as they
+        entered that step, i.e. *before* its update). ``recompute=True`` (or before the first step) measures the
+        factors now (one Gram product per factor, batched). Converting to floats synchronises the device, so
+        call this at logging frequency, not every step.
+        """
+        if recompute or not self._last_orth:
+            vals = []
+            buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            for group in self.param_groups:
+                if group["polar_role"] == "stiefel":
+                    for p in group["params"]:
+                        buckets[(tuple(p.shape), p.dtype, p.device)].append(p)
+            for ps in buckets.values():
+                X = torch.stack([p.mT if p.shape[0] < p.shape[1] else p for p in ps]).to(compute_dtype(ps[0].dtype))
+                vals.append(orthogonality_error_from_gram(self._reduce_grams({"xtx": X.mT @ X})["xtx"]))
+        else:
+            vals = self._last_orth
+        if not vals:
+            return {"max": 0.0, "mean": 0.0, "count": 0}
+        flat = torch.cat([v.reshape(-1).float().cpu() for v in vals])
+        return {"max": float(flat.max()), "mean": float(flat.mean()), "count": int(flat.numel())}
+
+
+# ---------------------------------------------------------------------- factory
+def _find_config_lambda(model: nn.Module, adapter_name: str) -> Optional[float]:
+    from polar.tuner import PolarConfig
+
+    for module in model.modules():
+        configs = getattr(module, "peft_config", None)
+        if isinstance(configs, dict) and isinstance(configs.get(adapter_name), PolarConfig):
+            return float(configs[adapter_name].landing_lambda)
+    return None
+
+
+def make_optimizer(
+    model: nn.Module,
+    lr: float = 4e-3,
+    landing_lambda: Optional[float] = None,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    mode: str = "landing",
+    retraction: str = "qr",
+    safe_step: bool = False,
+    stabilize_every: int = 0,
+    optimizer_cls: type[LandingAdamW] = LandingAdamW,
+    **adamw_kwargs: Any,
+) -> LandingAdamW:
+    """A :class:`LandingAdamW` for every trainable parameter of ``model`` (a PeftModel or any nn.Module with PoLAR layers).
+
+    * Trainable PoLAR factors (``polar_X``, ``polar_Y``, found through the PoLAR layers, not by name) get the
+      landing transform and no weight decay; one X, one Y and one Θ group per adapter, tied by ``polar_block``.
+    * Θ and every other trainable parameter (e.g. a classifier head in ``modules_to_save``) get plain AdamW with
+      ``weight_decay``.
+    * Frozen adapters (``requires_grad=False``, e.g. inactive ones or loaded without ``is_trainable=True``) and
+      frozen base weights are left out.
+    * ``landing_lambda=None`` uses each adapter's ``PolarConfig.landing_lambda``.
+    * ``optimizer_cls``: a :class:`LandingAdamW` subclass to build (e.g. one whose ``_reduce_grams`` all-reduces
+      over row shards); ``**adamw_kwargs`` go to ``torch.optim.AdamW`` (``foreach``, ``fused``, ...).
+
+    Raises:
+        ValueError: no trainable PoLAR factor, unknown ``mode``/``retraction``, λ not found, or an adapter whose
+            X, Y, Θ are only partly trainable.
+    """
+    from polar.tuner import iter_polar_layers
+
+    if mode not in VALID_MODES:
+        raise ValueError(f"unknown mode={mode!r}; valid modes: {', '.join(VALID_MODES)}")
+    if retraction not in VALID_RETRACTIONS:
+        raise ValueError(f"unknown retraction={retraction!r}; valid retractions: {', '.join(VALID_RETRACTIONS)}")
+
+    per_adapter: dict[str, dict[str, list[torch.Tensor]]] = {}
+    seen: set[int] = set()
+    n_layers = 0
+    for layer_name, layer in iter_polar_layers(model):
+        n_layers += 1
+        for adapter in layer.polar_X:
+            x, y, th = layer.polar_X[adapter], layer.polar_Y[adapter], layer.polar_theta[adapter]
+            flags = (x.requires_grad, y.requires_grad, th.requires_grad)
+            if not any(flags):
+                continue  # frozen / inactive adapter: never touched
+            if not all(flags):
+                raise ValueError(
+                    f"adapter {adapter!r} of layer '{layer_name}' is only partly trainable (X, Y, Θ requires_grad = "
+                    f"{flags}); make all three trainable or all three frozen."
+                )
+            slots = per_adapter.setdefault(adapter, {"X": [], "Y": [], "theta": []})
+            for slot, p in (("X", x), ("Y", y), ("theta", th)):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    slots[slot].append(p)
+    if not per_adapter:
+        where = "no PoLAR layers at all" if n_layers == 0 else f"{n_layers} PoLAR layers but all their adapters frozen"
+        raise ValueError(
+            f"make_optimizer: the model has no trainable PoLAR factors ({where}). Wrap the model with "
+            "peft.get_peft_model(model, polar.PolarConfig(...)), or load a saved adapter with "
+            "PeftModel.from_pretrained(..., is_trainable=True); for a plain AdamW use torch.optim.AdamW instead."
+        )
+
+    groups: list[dict[str, Any]] = []
+    for block, (adapter, slots) in enumerate(sorted(per_adapter.items())):
+        lam = landing_lambda if landing_lambda is not None else _find_config_lambda(model, adapter)
+        if lam is None:
+            raise ValueError(
+                f"make_optimizer: no PolarConfig found for adapter {adapter!r} to read landing_lambda from; "
+                "pass landing_lambda=... explicitly."
+            )
+        common = dict(polar_block=block, landing_lambda=lam, mode=mode, retraction=retraction,
+                      safe_step=safe_step, stabilize_every=stabilize_every, polar_adapter=adapter)
+        groups.append(dict(params=slots["X"], polar_role="stiefel", polar_factor="X", weight_decay=0.0, **common))
+        groups.append(dict(params=slots["Y"], polar_role="stiefel", polar_factor="Y", weight_decay=0.0, **common))
+        groups.append(dict(params=slots["theta"], polar_role="theta", weight_decay=weight_decay, **common))
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    others = list({id(p): p for p in others}.values())
+    if others:
+        groups.append(dict(params=others, polar_role=None, weight_decay=weight_decay))
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, LandingAdamW)):
+        raise TypeError(f"optimizer_cls must be LandingAdamW or a subclass of it, got {optimizer_cls!r}")
+    return optimizer_cls(
+        groups,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        landing_lambda=landing_lambda if landing_lambda is not None else _POLAR_DEFAULTS["landing_lambda"],
+        mode=mode,
+        retraction=retraction,
+        safe_step=safe_step,
+        stabilize_every=stabilize_every,
+        **adamw_kwargs,
+    )
