@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = [
     "export",
     "convert",
+    "canonical",
     "analyze",
     "plot",
 ]
