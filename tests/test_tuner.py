@@ -426,3 +426,12 @@ def test_adapter_dir_without_config_or_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no adapter weights"):
         polar.export_lora(adapter_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_gets_exactly_orthonormal_fp32_factors(dtype):
+    model = get_peft_model(tiny_llama().to(dtype), polar.PolarConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    for _, layer in iter_polar_layers(model):
+        for factor in (layer.polar_X["default"], layer.polar_Y["default"]):
+            assert factor.dtype == torch.float32 and factor.is_contiguous()
+            assert polar.orthogonality_error(factor) < 1e-5

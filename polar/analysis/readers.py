@@ -617,8 +617,12 @@ def read_state_dict(
 
 
 def _adapter_subfolders(path: Path) -> list[str]:
+    """Named adapters saved beside the default one (PEFT writes them to sub-folders). Trainer checkpoints
+    (``checkpoint-<step>``) are snapshots of a run, not other adapters: pass their folder to analyse one."""
     return sorted(
-        p.name for p in path.iterdir() if p.is_dir() and (p / "adapter_config.json").exists()
+        p.name
+        for p in path.iterdir()
+        if p.is_dir() and (p / "adapter_config.json").exists() and not re.fullmatch(r"checkpoint-\d+", p.name)
     )
 
 

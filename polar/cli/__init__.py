@@ -16,6 +16,9 @@ COMMAND_MODULES = [
     "canonical",
     "analyze",
     "plot",
+    "train",
+    "evaluate",
+    "lm_eval_cli",
 ]
 
 

@@ -42,6 +42,24 @@ class PolarModel(BaseTuner):
                 "Pass some of them as target_modules (or 'all-linear')."
             ) from err
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        # A fresh adapter was created in the base layer's dtype: X and Y of a bf16/fp16 model were rounded to it
+        # (‖XᵀX − I‖ ≈ 2e-3) before being upcast, and Adam amplifies that drift. With Θ = 0 the factors can be
+        # re-orthonormalised in their own dtype without changing ΔW.
+        with torch.no_grad():
+            for _, layer in iter_polar_layers(self.model):
+                if adapter_name not in layer.polar_X:
+                    continue
+                theta = layer.polar_theta[adapter_name]
+                if theta.device.type == "meta" or torch.count_nonzero(theta) > 0:
+                    continue
+                for factors in (layer.polar_X, layer.polar_Y):
+                    factor = factors[adapter_name]
+                    q, r = torch.linalg.qr(factor.double())
+                    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+                    factor.copy_(q.to(factor.dtype))
+
     def _create_and_replace(
         self,
         config: PolarConfig,

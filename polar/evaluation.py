@@ -1,0 +1,316 @@
+"""``polar.evaluate``: evaluate a trained adapter.
+
+- Causal-LM adapters run through the stock lm-evaluation-harness (``import polar`` registers PoLAR with PEFT, then
+  lm-eval's ``HFLM`` loads base model + adapter); the shipped task overrides in ``polar/tasks`` (GSM8K and MATH
+  with the math recipe's Alpaca-style prompt) are always on the include path.
+- Sequence-classification adapters (GLUE) are scored on the GLUE dev sets with the GLUE metrics.
+
+Results are written as JSON (atomically) and returned; :func:`format_table` renders them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import polar  # noqa: F401  (registers PoLAR with PEFT before any adapter is loaded)
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+RESULTS_NAME = "eval_results.json"
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter folder {str(path)!r} does not exist.")
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} holds no adapter_config.json (is it a `polar train` output folder?).")
+    return json.loads(config_file.read_text())
+
+
+def read_run(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _split_tasks(tasks: str | Sequence[str] | None) -> list[str]:
+    if tasks is None:
+        return []
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    return [t.strip() for t in tasks if t and t.strip()]
+
+
+def evaluate(
+    adapter_dir: str | Path,
+    tasks: str | Sequence[str] | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | str = 8,
+    limit: int | float | None = None,
+    include_path: str | Sequence[str] | None = None,
+    base_model: str | None = None,
+    output: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """Evaluate the adapter in ``adapter_dir``; returns the results dict (also written to ``output``, by default
+    ``<adapter_dir>/eval_results.json``).
+
+    ``tasks``: lm-eval task names (causal LM; default: the task the adapter was trained on, when it is an lm-eval
+    task) or ``glue:<name>`` (classification; default: the training task, with dev TSVs from ``data_dir`` or the
+    run's ``--data-dir``, else the hub).
+    """
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    run = read_run(adapter_dir)
+    settings = run.get("settings", {})
+    base = base_model or config.get("base_model_name_or_path") or settings.get("model")
+    if not base:
+        raise ValueError(f"cannot tell the base model of {str(adapter_dir)!r}; pass --base-model.")
+    task_list = _split_tasks(tasks)
+    trained_task = run.get("resolved", {}).get("task") or settings.get("task")
+    is_cls = config.get("task_type") == "SEQ_CLS" or any(t.lower().startswith("glue:") for t in task_list)
+    if not task_list:
+        if trained_task and (is_cls or _is_lm_eval_name(trained_task)):
+            task_list = [trained_task.removeprefix("lm-eval:")]
+        else:
+            raise ValueError(
+                f"no tasks given and the adapter's training task ({trained_task or 'unknown'}) is not an evaluation "
+                "task: pass --tasks (lm-eval task names, or glue:<name>)."
+            )
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.time()
+    if is_cls:
+        bad = [t for t in task_list if not t.lower().startswith("glue:")]
+        if bad:
+            raise ValueError(
+                f"classification adapters evaluate on GLUE tasks only (glue:<name>); got {', '.join(bad)}.")
+        data_dir = data_dir or settings.get("data_dir")
+        cutoff = int(settings.get("cutoff") or 512)
+        per_task = {t: _evaluate_glue(adapter_dir, base, t, data_dir, batch_size, limit, device,
+                                      trust_remote_code, cutoff) for t in task_list}
+        results: dict[str, Any] = {"kind": "glue", "results": per_task}
+    else:
+        results = _evaluate_lm(adapter_dir, base, task_list, num_fewshot, batch_size, limit, include_path, device,
+                               dtype, trust_remote_code, seed)
+    from polar.training import package_versions, write_json_atomic
+
+    if results.pop("main_process", True) is False:
+        return {"adapter": str(adapter_dir), "base_model": base, "tasks": task_list, **results, "output": None}
+    out = {
+        "adapter": str(adapter_dir),
+        "base_model": base,
+        "peft_type": str(config.get("peft_type")),
+        "tasks": task_list,
+        **results,
+        "settings": {"num_fewshot": num_fewshot, "batch_size": batch_size, "limit": limit,
+                     "include_path": include_path, "device": device, "data_dir": str(data_dir) if data_dir else None},
+        "versions": package_versions(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 2),
+    }
+    target = Path(output) if output else adapter_dir / RESULTS_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target, _clean(out))
+    out["output"] = str(target)
+    return out
+
+
+def _is_lm_eval_name(task: str) -> bool:
+    from polar.data import COMMONSENSE_TASKS
+
+    return task in COMMONSENSE_TASKS or task.startswith("lm-eval:")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy (NaN → null, sets → lists, objects → str)."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+def task_manager(include_path: str | Sequence[str] | None = None, tasks: Sequence[str] | None = None) -> Any:
+    """An lm-eval ``TaskManager`` with polar's shipped task overrides (and ``include_path``) registered.
+
+    With ``tasks`` given and all of them defined in those paths, lm-eval's built-in tasks are not indexed
+    (indexing them takes seconds).
+    """
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)]
+    if include_path:
+        paths += [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    for p in paths[1:]:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"--include-path {str(p)!r} does not exist.")
+    paths = [str(p) for p in paths]
+    if tasks:
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if all(t in set(local.all_tasks) for t in tasks):
+            return local
+    return TaskManager(include_path=paths)
+
+
+def _evaluate_lm(adapter_dir: Path, base: str, tasks: list[str], num_fewshot: int | None, batch_size: Any,
+                 limit: Any, include_path: Any, device: str, dtype: str | None, trust_remote_code: bool,
+                 seed: int) -> dict[str, Any]:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as err:  # pragma: no cover
+        raise ImportError("evaluating causal-LM adapters needs lm-evaluation-harness: "
+                          "pip install 'polar-peft[train]'") from err
+    manager = task_manager(include_path, tasks)
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown lm-eval task(s) {', '.join(unknown)}; e.g. boolq piqa social_iqa hellaswag winogrande "
+            "arc_easy arc_challenge openbookqa gsm8k_alpaca hendrycks_math_alpaca (list all with "
+            "`polar lm-eval ls tasks`; local YAMLs via --include-path)."
+        )
+    tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
+    try:
+        lm = HFLM(pretrained=base, peft=str(adapter_dir), tokenizer=tokenizer_source, batch_size=batch_size,
+                  device=device, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if not Path(base).is_dir():
+            from polar.training import _offline_model_error
+
+            raise _offline_model_error(base, err) from err
+        raise
+    try:
+        raw = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+    except Exception as err:  # noqa: BLE001 - offline dataset download, re-raised with advice
+        from polar.data.hub import _is_connection_error
+
+        if _is_connection_error(err):
+            raise FileNotFoundError(
+                f"cannot download the evaluation data of {', '.join(tasks)} ({err}); offline, write a task YAML "
+                "that includes the task and points it at a local copy (dataset_path: json, dataset_kwargs: "
+                "{data_files: {test: FILE}}) and pass its folder with --include-path."
+            ) from err
+        raise
+    if raw is None:  # a non-main process of a multi-process (accelerate launch) evaluation
+        return {"kind": "lm-eval", "results": {}, "main_process": False}
+    results = {}
+    for task, metrics in raw.get("results", {}).items():
+        clean = {}
+        for key, value in metrics.items():
+            if key in ("alias", "sample_len", "sample_count") or isinstance(value, bool):
+                continue
+            if not isinstance(value, (int, float)):
+                continue
+            name, _, filt = key.partition(",")
+            clean[name if filt in ("", "none") else f"{name},{filt}"] = value
+        results[task] = clean
+    return {
+        "kind": "lm-eval",
+        "results": results,
+        "n-shot": raw.get("n-shot"),
+        "lm_eval_versions": raw.get("versions"),
+        "n-samples": raw.get("n-samples"),
+        "higher_is_better": raw.get("higher_is_better"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- GLUE
+def _evaluate_glue(adapter_dir: Path, base: str, task: str, data_dir: Any, batch_size: Any, limit: Any,
+                   device: str, trust_remote_code: bool, cutoff: int = 512) -> dict[str, Any]:
+    import torch
+    from peft import PeftModel
+
+    from polar.data import ClassificationDataset, glue_metrics, glue_task, load_glue
+    from polar.training import load_model, load_tokenizer
+
+    gtask = glue_task(task)
+    label_kwargs: dict[str, Any] = {"num_labels": gtask.num_labels}
+    if gtask.is_regression:
+        label_kwargs["problem_type"] = "regression"
+    tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_model(base, "seq-cls", None, trust_remote_code, **label_kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.to(device).eval()
+    bs = int(batch_size) if str(batch_size).isdigit() else 32
+    n = int(limit) if limit is not None and limit >= 1 else None
+    splits = load_glue(gtask, "dev", data_dir, n)
+    from transformers import DataCollatorWithPadding
+
+    collator = DataCollatorWithPadding(tokenizer)
+    out: dict[str, Any] = {}
+    for split, examples in splits.items():
+        dataset = ClassificationDataset(examples, tokenizer, cutoff, gtask.is_regression)
+        preds, gold = [], []
+        with torch.no_grad():
+            for start in range(0, len(dataset), bs):
+                batch = collator([dataset[i] for i in range(start, min(start + bs, len(dataset)))])
+                labels = batch.pop("labels")
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+                preds.extend((logits[:, 0] if gtask.is_regression else logits.argmax(-1)).tolist())
+                gold.extend(labels.tolist())
+        metrics = glue_metrics(gtask, preds, gold)
+        metrics["num_examples"] = len(gold)
+        out[split] = metrics
+    if len(out) == 1:
+        return next(iter(out.values()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- table
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table of ``task | metric | value`` rows."""
+    rows: list[tuple[str, str, str]] = []
+
+    def add(task: str, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                add(f"{task} ({key})", value)
+            elif key.endswith("_stderr") or "_stderr," in key or key == "num_examples":
+                continue
+            else:
+                name, comma, filt = key.partition(",")
+                err = metrics.get(f"{name}_stderr{comma}{filt}")
+                shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+                if isinstance(err, float):
+                    shown += f" ± {err:.4f}"
+                rows.append((task, key, shown))
+
+    for task, metrics in results.get("results", {}).items():
+        add(task, metrics)
+    if not rows:
+        return "(no results)"
+    widths = [max(len(r[i]) for r in rows + [("task", "metric", "value")]) for i in range(3)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(("task", "metric", "value")), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+__all__ = ["evaluate", "format_table", "task_manager"]
+

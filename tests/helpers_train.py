@@ -1,0 +1,152 @@
+"""Tiny offline models for the train / eval / data tests: a Llama and a BERT built from configs, with a
+word-level tokenizer trained on the fly by the ``tokenizers`` library, saved to a folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = [
+    "Question: is the sky blue? Answer: yes",
+    "Question: is fire cold? Answer: no",
+    "the cat sat on the mat and the dog ran in the park",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction: ### Input: ### Response: add two and three . the answer is five",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9",
+    "entailment not_entailment the man is happy . a person smiles .",
+]
+
+
+def make_tokenizer(vocab_extra: list[str] | None = None):
+    """A word-level fast tokenizer with [PAD] [UNK] [CLS] [SEP] </s> specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>", "<s>"])
+    tok.train_from_iterator(CORPUS + list(vocab_extra or []), trainer=trainer)
+    return tok, PreTrainedTokenizerFast
+
+
+def save_tiny_llama(path: str | Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tok, fast_cls = make_tokenizer()
+    tokenizer = fast_cls(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>", bos_token="<s>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_bert(path: str | Path) -> Path:
+    import torch
+    from tokenizers import processors
+    from transformers import BertConfig, BertForSequenceClassification
+
+    path = Path(path)
+    tok, fast_cls = make_tokenizer()
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer = fast_cls(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+ALPACA_RECORDS = [
+    {"instruction": "is the sky blue?", "input": "", "output": "yes"},
+    {"instruction": "is fire cold?", "input": "", "output": "no"},
+    {"instruction": "add two and three", "input": "a b c", "output": "the answer is five"},
+    {"instruction": "the cat sat on the mat", "input": "", "output": "the dog ran in the park"},
+] * 4
+
+
+def write_rte_folder(folder: str | Path, n_train: int = 16, n_dev: int = 8) -> Path:
+    """A GLUE-format RTE folder (index, sentence1, sentence2, label) with a few lines."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [
+        ("the man is happy .", "a person smiles .", "entailment"),
+        ("the cat sat on the mat", "the dog ran in the park", "not_entailment"),
+    ]
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            s1, s2, label = pairs[i % 2]
+            lines.append(f"{i}\t{s1}\t{s2}\t{label}")
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def write_mc_task(folder: str | Path, data_file: str | Path, name: str = "tiny_mc") -> Path:
+    """A local lm-eval multiple-choice task YAML over a JSON file of {question, choices, label} docs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    yaml_text = f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {Path(data_file).resolve()}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}} Answer:"
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+    (folder / f"{name}.yaml").write_text(yaml_text)
+    return folder
+
+
+MC_DOCS = [
+    {"question": "is the sky blue?", "choices": ["yes", "no"], "label": 0},
+    {"question": "is fire cold?", "choices": ["yes", "no"], "label": 1},
+    {"question": "is the cat on the mat?", "choices": ["yes", "no"], "label": 0},
+]

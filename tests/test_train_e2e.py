@@ -1,0 +1,190 @@
+"""Offline end to end: ``polar train`` on a local JSONL with a tiny Llama (PoLAR, LoRA, DoRA), then ``polar eval`` on
+a local lm-eval multiple-choice task; run-folder rules (refuse / overwrite / resume) and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from helpers_train import ALPACA_RECORDS, MC_DOCS, save_tiny_llama, write_jsonl, write_mc_task  # noqa: E402
+
+from polar.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    llama = save_tiny_llama(root / "llama")
+    data = write_jsonl(root / "train.jsonl", ALPACA_RECORDS)
+    mc = root / "mc.json"
+    mc.write_text(json.dumps(MC_DOCS))
+    tasks = write_mc_task(root / "tasks", mc)
+    return {"root": root, "llama": str(llama), "data": str(data), "tasks": str(tasks)}
+
+
+def _train_args(assets, out, adapter="polar", *extra):
+    return ["train", "--model", assets["llama"], "--data-file", assets["data"], "--adapter", adapter,
+            "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4", "--cutoff", "64", "--r", "4",
+            "--alpha", "8", "--target-modules", "q_proj,v_proj", "--logging-steps", "1", "--save-steps", "2",
+            "--seed", "0", *extra]
+
+
+def _csv(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("adapter", ["polar", "lora", "dora"])
+def test_train_then_eval(assets, adapter, capsys):
+    out = assets["root"] / f"run-{adapter}"
+    assert main(_train_args(assets, out, adapter, "--response-only-loss", "--track-every", "2")) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == ("POLAR" if adapter == "polar" else "LORA")
+    assert config["r"] == 4 and config["base_model_name_or_path"] == assets["llama"]
+    if adapter == "dora":
+        assert config["use_dora"] is True
+    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoint-2").is_dir()
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["seed"] == 0 and run["global_step"] == 3
+    assert run["settings"]["adapter"] == adapter and run["settings"]["response_only_loss"] is True
+    assert run["settings"]["learning_rate"] == (4e-3 if adapter == "polar" else 4e-4)
+    assert run["resolved"]["optimizer"] == ("landing-adamw" if adapter == "polar" else "adamw")
+    assert run["versions"]["torch"] and run["versions"]["peft"]
+    rows = [r for r in _csv(out / "metrics.csv") if r["loss"]]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert {"step", "loss", "learning_rate", "orth_error"} <= set(rows[0])
+    tracked = _csv(out / "stable_rank.csv")  # polar.analysis' StableRankCallback (--track-every)
+    assert tracked and {int(r["step"]) for r in tracked} >= {0, 2}
+    assert all(float(r["loss"]) > 0 and float(r["learning_rate"]) > 0 for r in rows)
+    if adapter == "polar":
+        assert all(r["orth_error"] != "" and float(r["orth_error"]) < 1.0 for r in rows)
+        assert run["final_orth_error"] < 1.0
+
+    results_path = assets["root"] / f"results-{adapter}.json"
+    code = main(["eval", str(out), "--tasks", "tiny_mc", "--include-path", assets["tasks"], "--batch-size", "2",
+                 "--output", str(results_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tiny_mc" in printed and "acc" in printed
+    results = json.loads(results_path.read_text())
+    assert results["base_model"] == assets["llama"] and results["kind"] == "lm-eval"
+    acc = results["results"]["tiny_mc"]["acc"]
+    assert 0.0 <= acc <= 1.0
+    assert not list(assets["root"].glob(".results-*.tmp*"))  # atomic write left no temp file
+
+
+def test_eval_uses_the_adapter(assets):
+    """The PoLAR adapter really is loaded by lm-eval: a perturbed Θ changes the log-likelihoods."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from polar.evaluation import evaluate
+
+    src = assets["root"] / "run-polar"
+    if not src.is_dir():
+        pytest.skip("needs the polar run of test_train_then_eval")
+    import shutil
+
+    dst = assets["root"] / "run-polar-perturbed"
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    weights = load_file(str(dst / "adapter_model.safetensors"))
+    weights = {k: (v + 50.0 * torch.randn_like(v) if k.endswith("polar_theta") else v) for k, v in weights.items()}
+    save_file(weights, str(dst / "adapter_model.safetensors"))
+    kwargs = dict(tasks="tiny_mc", include_path=assets["tasks"], batch_size=2)
+    a = evaluate(src, output=assets["root"] / "a.json", **kwargs)
+    b = evaluate(dst, output=assets["root"] / "b.json", **kwargs)
+    assert a["results"]["tiny_mc"] != b["results"]["tiny_mc"] or a["results"] != b["results"]
+
+
+def test_refuse_overwrite_resume(assets, capsys):
+    out = assets["root"] / "run-resume"
+    assert main(_train_args(assets, out)) == 0
+    capsys.readouterr()
+    assert main(_train_args(assets, out)) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "--resume" in err
+    # resume: continues from the last checkpoint (the final one, step 3) to step 4
+    args = _train_args(assets, out)
+    args[args.index("--max-steps") + 1] = "4"
+    assert main([*args, "--resume"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["global_step"] == 4 and Path(run["resolved"]["resumed_from"]).name == "checkpoint-3"
+    assert [int(r["step"]) for r in _csv(out / "metrics.csv") if r["loss"]] == [1, 2, 3, 4]
+    # resume from an earlier checkpoint: the rows logged after it are replaced, not duplicated
+    args[args.index("--max-steps") + 1] = "5"
+    assert main([*args, "--resume", str(out / "checkpoint-3")]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["global_step"] == 5 and Path(run["resolved"]["resumed_from"]).name == "checkpoint-3"
+    assert [int(r["step"]) for r in _csv(out / "metrics.csv") if r["loss"]] == [1, 2, 3, 4, 5]
+    # overwrite: a fresh run
+    assert main([*_train_args(assets, out), "--overwrite"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["global_step"] == 3 and run["resolved"]["resumed_from"] is None
+    assert [int(r["step"]) for r in _csv(out / "metrics.csv")] == [1, 2, 3]
+    # resume with nothing to resume
+    assert main([*_train_args(assets, assets["root"] / "empty-run"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_bad_input(assets, capsys):
+    out = assets["root"] / "bad"
+    assert main([*_train_args(assets, out)[:1], "--model", assets["llama"], "--task", "boolqq",
+                 "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'boolqq'" in err and "glue:rte" in err and "winogrande" in err
+    with pytest.raises(SystemExit):
+        main(_train_args(assets, out, "vera"))
+    assert "invalid choice: 'vera'" in capsys.readouterr().err
+    from polar.training import resolve_settings
+
+    with pytest.raises(ValueError, match="valid adapters: polar, lora, dora"):
+        resolve_settings(model="m", task="boolq", output_dir="o", adapter="vera")
+    args = _train_args(assets, out)
+    args[args.index("--r") + 1] = "100"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "rank r=100" in err and "min(in_features, out_features)" in err
+    bad = assets["root"] / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    args = _train_args(assets, out)
+    args[args.index("--data-file") + 1] = str(bad)
+    assert main(args) == 2
+    assert "bad.jsonl line 2: missing field 'output'" in capsys.readouterr().err
+    assert main(["eval", str(assets["root"] / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_offline_model_id(assets, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "polar", "train", "--model", "some-org/not-downloaded-model", "--data-file",
+         assets["data"], "--output-dir", str(tmp_path / "o"), "--max-steps", "1"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot load model 'some-org/not-downloaded-model'" in proc.stderr
+    assert "--model DIR" in proc.stderr
+
+
+def test_bf16_gradient_checkpointing_grad_accum(assets):
+    """bf16 (base held in bf16, adapter in fp32) with gradient checkpointing and accumulation: X, Y start
+    orthonormal to fp32 precision, and the run records the resolved global batch."""
+    out = assets["root"] / "run-bf16"
+    args = _train_args(assets, out)
+    args[args.index("--max-steps") + 1] = "2"
+    assert main([*args, "--bf16", "--gradient-checkpointing", "--grad-accum", "2", "--scheduler", "cosine",
+                 "--warmup", "0.5"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["resolved"]["model_dtype"] == "bfloat16" and run["resolved"]["global_batch_size"] == 8
+    rows = _csv(out / "metrics.csv")
+    assert float(rows[0]["orth_error"]) < 1e-5
+    assert float(rows[0]["learning_rate"]) == 0.0  # warm-up starts at 0
