@@ -11,6 +11,7 @@ import sys
 
 # Order is the order shown in ``polar --help``.
 COMMAND_MODULES = [
+    "demo",
     "export",
     "convert",
     "canonical",
