@@ -1,10 +1,16 @@
 """The demo's task: compositional sentiment, generated deterministically, written in GLUE SST-2 format.
 
-Each sentence is one or two clauses about a product. A clause's polarity comes from its adjective and is
-flipped by a negation ("not", "never", "hardly"); intensifiers ("very", "truly") change nothing. Joined by
-"but", the second clause decides the label; joined by "and", both clauses share a polarity. A sentence encoder
-pretrained for similarity (MiniLM) sees the words but not this logic, so the adapter has to learn it; that makes
-the task small enough for two CPU cores and hard enough that adapters differ.
+Each sentence is made of clauses about a product. A clause's polarity comes from its adjective and is flipped
+by a negation ("not", "never", "hardly"); intensifiers ("very", "truly") change nothing. The label:
+
+* one clause: its polarity;
+* "A , but B": B decides (A has the opposite polarity, so the first words mislead);
+* "although A , B": B decides (A opposite);
+* "A and B": both share the label;
+* "pros and cons : A ; B ; C": the majority of the three clauses.
+
+A sentence encoder pretrained for similarity (MiniLM) sees the words but not this logic, so the adapter has to
+learn it; that makes the task small enough for two CPU cores and hard enough that adapters differ.
 """
 
 from __future__ import annotations
@@ -38,12 +44,18 @@ def make_sentence(rng: random.Random) -> tuple[str, int]:
     """One example: (sentence, label)."""
     label = rng.randrange(2)
     shape = rng.random()
-    if shape < 0.35:
+    if shape < 0.15:
         return _clause(rng, label) + " .", label
-    if shape < 0.7:
-        # "A but B": B decides; A has the opposite polarity so the first words mislead.
+    if shape < 0.4:
         return f"{_clause(rng, 1 - label)} , but {_clause(rng, label)} .", label
-    return f"{_clause(rng, label)} and {_clause(rng, label)} .", label
+    if shape < 0.55:
+        return f"although {_clause(rng, 1 - label)} , {_clause(rng, label)} .", label
+    if shape < 0.7:
+        return f"{_clause(rng, label)} and {_clause(rng, label)} .", label
+    # Majority of three: two clauses carry the label, one the opposite, in a random order.
+    polarities = [label, label, 1 - label]
+    rng.shuffle(polarities)
+    return "pros and cons : " + " ; ".join(_clause(rng, p) for p in polarities) + " .", label
 
 
 def write_demo_task(out_dir: str | Path, n_train: int = 2000, n_dev: int = 500, seed: int = 0) -> Path:

