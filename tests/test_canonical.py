@@ -22,13 +22,7 @@ M_, N_, R_, RSTAR = 20, 16, 4, 2  # tiny over-parameterised problem: adapter ran
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is fastest and leaves the shared cores to others."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("kappa", [1.0, 100.0])

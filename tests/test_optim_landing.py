@@ -19,13 +19,7 @@ from polar.optim.landing import (
 from polar.optim.stabilize import reorthonormalize_factors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These are many tiny ops: on a shared 2-core machine intra-op threads only contend (40× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 D = torch.float64

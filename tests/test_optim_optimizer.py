@@ -18,13 +18,7 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These are many tiny ops: on a shared 2-core machine intra-op threads only contend (40× slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base(seed: int = 0) -> transformers.LlamaForCausalLM:

@@ -13,12 +13,7 @@ from polar.optim.trainer import PolarOptimizerFactory, PolarTrainer, unwrap_land
 from polar.tuner import iter_polar_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> peft.PeftModel:
@@ -64,7 +59,7 @@ def _check_trained(model, trainer, start, steps: int) -> LandingAdamW:
     assert unwrap_landing_optimizer(trainer.lr_scheduler.optimizer) is opt
     factors = _snapshot(model)
     assert max((a - b).abs().max() for a, b in zip(factors, start)) > 1e-3  # factors trained
-    assert max(float(orthogonality_error(x)) for x in factors) < 0.05  # λ = 1 from the PolarConfig held them
+    assert max(float(orthogonality_error(x)) for x in factors) < 0.1  # λ = 1 from the PolarConfig held them
     return opt
 
 
