@@ -1,0 +1,227 @@
+"""LoRA vs DoRA vs PoLAR on GLUE with the pretrained MiniLM-L6 encoder, sized for a 2-core CPU.
+
+Every cell (task, adapter, r, learning rate, seed) is one ``polar.train`` run, evaluated with ``polar.evaluate``
+and analysed with ``polar.analyze`` — the code users run. Each finished cell appends one JSON line to the
+results file, and cells already there are skipped, so the grid runs in slices that each fit in a session:
+
+    # 1. learning-rate grid on one task (one seed, r = 8)
+    .venv/bin/python benchmarks/glue_minilm.py run --tasks rte --ranks 8 --seeds 0 --lr-grid
+    # 2. the grid with each adapter's chosen lr
+    .venv/bin/python benchmarks/glue_minilm.py run --tasks cola,rte,sst2,stsb --ranks 8,32 --seeds 0,1
+    # 3. the table and the stable-rank figure
+    .venv/bin/python benchmarks/glue_minilm.py report --out docs/figures
+
+Adapters are kept under ``runs/glue_minilm/<cell>`` so ``polar analyze`` can recompute every stable rank.
+Data: ``../shared/data/glue/{CoLA,RTE,SST-2,STS-B}`` (original GLUE TSVs); the script stops with a message when
+they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "glue"
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "glue_minilm.jsonl"
+DEFAULT_RUNS = ROOT / "runs" / "glue_minilm"
+FOLDERS = {"cola": "CoLA", "rte": "RTE", "sst2": "SST-2", "stsb": "STS-B"}
+MAIN_METRIC = {"cola": "matthews", "rte": "accuracy", "sst2": "accuracy", "stsb": "pearson"}
+LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "dora": (5e-4, 1e-3, 2e-3), "polar": (1e-3, 2e-3, 4e-3)}
+# Chosen on the grid of step 1 (see BENCHMARKS.md); override with --lr adapter=value.
+DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "polar": 2e-3}
+TARGETS = ("query", "key", "value", "dense")
+
+
+def _cell_id(task: str, adapter: str, r: int, lr: float, seed: int, steps: int) -> str:
+    return f"{task}-{adapter}-r{r}-lr{lr:g}-s{seed}-{steps}steps"
+
+
+def _done(results: Path) -> set[str]:
+    if not results.is_file():
+        return set()
+    return {json.loads(line)["cell"] for line in results.read_text().splitlines() if line.strip()}
+
+
+def _append(results: Path, row: dict[str, Any]) -> None:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    # One write of one line: a killed run leaves either the whole row or none of it.
+    with results.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def run_cell(args: argparse.Namespace, task: str, adapter: str, r: int, lr: float, seed: int) -> dict[str, Any]:
+    import polar
+    from polar.demo import minilm_path
+
+    cell = _cell_id(task, adapter, r, lr, seed, args.steps)
+    run_dir = Path(args.runs) / cell
+    extra = {"landing_lambda": args.landing_lambda} if adapter == "polar" else {}
+    summary = polar.train(
+        model=str(minilm_path()),
+        task=f"glue:{task}",
+        data_dir=str(Path(args.data) / FOLDERS[task]),
+        max_examples=args.max_train if task == "sst2" else None,
+        adapter=adapter,
+        output_dir=str(run_dir),
+        overwrite=True,
+        r=r,
+        alpha=float(2 * r),
+        target_modules=list(TARGETS),
+        learning_rate=lr,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        cutoff=args.cutoff,
+        warmup=0.06,
+        scheduler="linear",
+        seed=seed,
+        logging_steps=max(1, args.steps // 20),
+        save_steps=10**9,
+        track_every=args.track_every,
+        **extra,
+    )
+    evaluation = polar.evaluate(run_dir, output=run_dir / "eval_results.json", batch_size=32)
+    metrics = evaluation["results"][f"glue:{task}"]
+    table = polar.analyze(str(run_dir))
+    steps = max(1, int(summary["global_step"]))
+    return {
+        "cell": cell,
+        "task": task,
+        "adapter": adapter,
+        "r": r,
+        "learning_rate": lr,
+        "seed": seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "cutoff": args.cutoff,
+        "landing_lambda": args.landing_lambda if adapter == "polar" else None,
+        "metric": MAIN_METRIC[task],
+        "value": float(metrics[MAIN_METRIC[task]]),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "median_stable_rank": float(table["stable_rank"].median()),
+        "stable_ranks": [float(v) for v in table["stable_rank"]],
+        "orth_error_max": float(table[["orth_error_x", "orth_error_y"]].max().max())
+        if adapter == "polar"
+        else None,
+        "seconds_per_step": float(summary["metrics"]["train_runtime"]) / steps,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not Path(args.data).is_dir():
+        print(f"GLUE data not found at {args.data}; pass --data (the folder holding CoLA, RTE, SST-2, STS-B).")
+        return 0
+    chosen = dict(DEFAULT_LR)
+    for item in args.lr or []:
+        name, _, value = item.partition("=")
+        chosen[name] = float(value)
+    cells = []
+    for task in args.tasks.split(","):
+        for r in (int(v) for v in args.ranks.split(",")):
+            for adapter in args.adapters.split(","):
+                lrs = LR_GRID[adapter] if args.lr_grid else (chosen[adapter],)
+                for lr in lrs:
+                    for seed in (int(v) for v in args.seeds.split(",")):
+                        cells.append((task, adapter, r, lr, seed))
+    done = _done(Path(args.results))
+    todo = [c for c in cells if _cell_id(*c, args.steps) not in done]
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.results}, {len(todo)} to run")
+    for i, (task, adapter, r, lr, seed) in enumerate(todo, 1):
+        started = time.perf_counter()
+        row = run_cell(args, task, adapter, r, lr, seed)
+        _append(Path(args.results), row)
+        print(
+            f"[{i}/{len(todo)}] {row['cell']}: {row['metric']} {row['value']:.4f}, median stable rank "
+            f"{row['median_stable_rank']:.2f}, {row['seconds_per_step']:.3f} s/step ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+    return 0
+
+
+def _spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    if not rows:
+        print(f"no results in {args.results}")
+        return 1
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["r"], row["adapter"], row["learning_rate"], row["steps"]), []).append(row)
+    print("| task (metric) | r | adapter | lr | steps | seeds | metric (mean ± sd) | median stable rank | max orth. error | s / step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (task, r, adapter, lr, steps), cell in sorted(groups.items()):
+        orth = [c["orth_error_max"] for c in cell if c["orth_error_max"] is not None]
+        orth_text = f"{max(orth):.3g}" if orth else "–"
+        print(
+            f"| {task} ({cell[0]['metric']}) | {r} | {adapter} | {lr:g} | {steps} | {len(cell)} | "
+            f"{_spread([c['value'] for c in cell])} | {_spread([c['median_stable_rank'] for c in cell])} | "
+            f"{orth_text} | {statistics.median(c['seconds_per_step'] for c in cell):.3f} |"
+        )
+    if args.out:
+        _figure(rows, Path(args.out))
+    return 0
+
+
+def _figure(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(row["adapter"], row["r"]) for row in rows}, key=lambda k: (k[1], k[0]))
+    data = [[v for row in rows if (row["adapter"], row["r"]) == key for v in row["stable_ranks"]] for key in keys]
+    fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2, 4))
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(keys) + 1), [f"{a}\nr={r}" for a, r in keys])
+    ax.set_ylabel("stable rank of ΔW (all modules, tasks, seeds)")
+    ax.set_title("MiniLM-L6 on GLUE: stable rank by adapter and rank")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix in ("png", "svg"):
+        fig.savefig(out / f"glue_minilm_stable_rank.{suffix}", dpi=120)
+    plt.close(fig)
+    print(f"figure written to {out / 'glue_minilm_stable_rank.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the cells not yet in the results file")
+    run.add_argument("--tasks", default="cola,rte,sst2,stsb")
+    run.add_argument("--adapters", default="lora,dora,polar")
+    run.add_argument("--ranks", default="8,32")
+    run.add_argument("--seeds", default="0,1")
+    run.add_argument("--lr-grid", action="store_true", help="run every learning rate of the grid instead")
+    run.add_argument("--lr", action="append", metavar="ADAPTER=LR", help="override an adapter's learning rate")
+    run.add_argument("--steps", type=int, default=300)
+    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--cutoff", type=int, default=64, help="tokens per example")
+    run.add_argument("--max-train", type=int, default=8000, help="SST-2 training examples used (fixed subset)")
+    run.add_argument("--landing-lambda", type=float, default=5e-3)
+    run.add_argument("--track-every", type=int, default=0, help="log stable rank every N steps (0: off)")
+    run.add_argument("--data", default=str(DEFAULT_DATA))
+    run.add_argument("--runs", default=str(DEFAULT_RUNS))
+    run.add_argument("--results", default=str(DEFAULT_RESULTS))
+    run.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="print the results table and draw the stable-rank figure")
+    report.add_argument("--results", default=str(DEFAULT_RESULTS))
+    report.add_argument("--out", default=None, help="folder for the figure (PNG and SVG)")
+    report.set_defaults(func=cmd_report)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
