@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from .landing import (
     compute_dtype,
     landing_field_from_grams,
@@ -163,11 +164,7 @@ class LandingAdamW(torch.optim.AdamW):
             raise ValueError(f"safe_step=True needs mode='landing' (got mode={group['mode']!r})")
         if role == "stiefel":
             for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(
-                        f"a 'stiefel' parameter must be a matrix, got shape {tuple(p.shape)} "
-                        "(FSDP1/ZeRO flat shards are not supported; use FSDP2, which keeps matrix shapes)"
-                    )
+                _dist.check_stiefel_param(p)  # FSDP1 / DeepSpeed flat shards: error naming cause and alternatives
             if group["weight_decay"] != 0:
                 warnings.warn(
                     "weight decay on Stiefel factors pulls them off the manifold and fights the landing term; "
@@ -184,8 +181,15 @@ class LandingAdamW(torch.optim.AdamW):
         subclass sums each tensor over the shard group (one small all-reduce per bucket and key; they may be
         concatenated into one call) and everything else stays local: the field, the orthogonality error, the safe
         step and the polar retraction are computed from these reduced values only.
+
+        FSDP2 ``Shard(0)`` DTensor factors are handled built in (:meth:`_reduce`): the sums over the shard group
+        are done (:func:`polar.distributed.all_reduce_grams`) before this hook sees them.
         """
         return grams
+
+    def _reduce(self, grams: dict[str, torch.Tensor], sharding: Optional[_dist.RowSharding]) -> dict[str, torch.Tensor]:
+        # Row-sharded (FSDP2) factors: one concatenated all-reduce over the shard group, then the hook.
+        return self._reduce_grams(_dist.all_reduce_grams(grams, sharding))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -215,9 +219,10 @@ class LandingAdamW(torch.optim.AdamW):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("LandingAdamW does not support sparse gradients")
+                sharding = _dist.stiefel_sharding(p)  # every step: DeepSpeed swaps flat shards in after __init__
                 wide = p.shape[0] < p.shape[1]
                 safe = float(group["safe_step_eps"]) if group["safe_step"] else None
-                key = (mode, group["retraction"], safe, tuple(p.shape), p.dtype, p.device, wide)
+                key = (mode, group["retraction"], safe, tuple(p.shape), p.dtype, p.device, wide, sharding)
                 buckets[key].append((p, group))
         return buckets
 
@@ -254,11 +259,17 @@ class LandingAdamW(torch.optim.AdamW):
         post: list[dict[str, Any]] = []
         self._last_orth = []
         for key, items in self._stiefel_buckets().items():
-            mode, retraction, safe, shape, dtype, device, wide = key
+            mode, retraction, safe, shape, dtype, device, wide, sharding = key
             params = [p for p, _ in items]
+            # FSDP2: work on the local rows of each DTensor factor and gradient (identity for plain tensors).
+            params_l = [_dist.local_tensor(p) for p in params]
+            grads_l = [_dist.local_tensor(p.grad) for p in params]
+            shape, device = tuple(params_l[0].shape), params_l[0].device
             cdt = compute_dtype(dtype)
             tall = (shape[1], shape[0]) if wide else shape
-            entry: dict[str, Any] = {"mode": mode, "retraction": retraction, "params": params, "wide": wide}
+            entry: dict[str, Any] = {
+                "mode": mode, "retraction": retraction, "params": params, "wide": wide, "sharding": sharding
+            }
             post.append(entry)
             # Chunks: on CPU a few MiB, so that the stacked X and G are still in cache for the Gram and field
             # products; on GPU the whole bucket at once (fewest launches).
@@ -269,7 +280,7 @@ class LandingAdamW(torch.optim.AdamW):
                 field_all = self._workspace((key, "F"), (len(items), *tall), cdt, device)
             x_olds, fields, dists, fnorms = [], [], [], []
             for lo in range(0, len(items), step_len):
-                chunk = params[lo : lo + step_len]
+                chunk, gchunk = params_l[lo : lo + step_len], grads_l[lo : lo + step_len]
                 n = len(chunk)
                 if in_place and safe is None:
                     X = torch.stack(chunk, out=self._workspace((key, "X", n), (n, *tall), cdt, device))
@@ -278,13 +289,13 @@ class LandingAdamW(torch.optim.AdamW):
                 G = None
                 if mode != "euclidean":
                     if in_place:
-                        G = torch.stack([p.grad for p in chunk], out=self._workspace((key, "G", n), (n, *tall), cdt, device))
+                        G = torch.stack(gchunk, out=self._workspace((key, "G", n), (n, *tall), cdt, device))
                     else:
-                        G = torch.stack([p.grad.mT if wide else p.grad for p in chunk]).to(cdt)
+                        G = torch.stack([g.mT if wide else g for g in gchunk]).to(cdt)
                 grams = {"xtx": X.mT @ X}
                 if mode in ("landing", "retraction"):
                     grams["gtx"] = G.mT @ X
-                grams = self._reduce_grams(grams)
+                grams = self._reduce(grams, sharding)
                 xtx = grams["xtx"]
                 dist = orthogonality_error_from_gram(xtx)
                 dists.append(dist)
@@ -298,7 +309,7 @@ class LandingAdamW(torch.optim.AdamW):
                     field = landing_field_from_grams(X, G, xtx, grams["gtx"], 0.0 if mode == "retraction" else lam, out=out)
                 fields.append(field)
                 if safe is not None:
-                    fsq = self._reduce_grams({"field_sq": field.square().sum(dim=(-2, -1))})["field_sq"]
+                    fsq = self._reduce({"field_sq": field.square().sum(dim=(-2, -1))}, sharding)["field_sq"]
                     fnorms.append(fsq.sqrt())
                     x_olds.append(X)
                     entry["lam"] = lam
@@ -313,26 +324,29 @@ class LandingAdamW(torch.optim.AdamW):
             field = field.to(dtype)
             for p, f in zip(params, field.unbind(0)):
                 swapped.append((p, p.grad))
-                p.grad = f if not wide else f.contiguous()
+                p.grad = _dist.like_param(f if not wide else f.contiguous(), p)  # DTensor again under FSDP2
         return swapped, post
 
     def _post_step(self, post: list[dict[str, Any]]) -> None:
         for entry in post:
-            params, wide = entry["params"], entry["wide"]
+            params, wide, sharding = entry["params"], entry["wide"], entry["sharding"]
+            local = [_dist.local_tensor(p) for p in params]
             if entry["mode"] == "retraction":
-                X = torch.stack([p.mT if wide else p for p in params])
-                if entry["retraction"] == "qr":
+                X = torch.stack([p.mT if wide else p for p in local])
+                if entry["retraction"] == "qr" and sharding is None:
                     Q, _ = retract_qr(X)
                 else:
                     cdt = compute_dtype(X.dtype)
                     Xc = X.to(cdt)
-                    Q = retract_polar(Xc, xtx=self._reduce_grams({"xtx": Xc.mT @ Xc})["xtx"])
+                    xtx = self._reduce({"xtx": Xc.mT @ Xc}, sharding)["xtx"]
+                    # row-sharded QR = Cholesky QR from the reduced XᵀX (QR with diag(R) > 0, up to rounding)
+                    Q = retract_polar(Xc, xtx=xtx) if entry["retraction"] == "polar" else _dist.cholesky_qr(Xc, xtx)[0]
                 self._write(params, Q, wide)
             elif "x_old" in entry:
                 x_old = entry["x_old"]
-                new = torch.stack([p.mT if wide else p for p in params]).to(x_old.dtype)
+                new = torch.stack([p.mT if wide else p for p in local]).to(x_old.dtype)
                 delta = new - x_old
-                dsq = self._reduce_grams({"delta_sq": delta.square().sum(dim=(-2, -1))})["delta_sq"]
+                dsq = self._reduce({"delta_sq": delta.square().sum(dim=(-2, -1))}, sharding)["delta_sq"]
                 lr = torch.tensor([g["lr"] for g in self._groups_of(params)], dtype=x_old.dtype, device=x_old.device)
                 # Plain landing moves X by η‖Λ‖; with η = min(lr, η*) that is min(lr, η*)·‖Λ‖. AdamW moves it by
                 # ‖ΔX‖ instead; cap that displacement at the same distance so the safe region is kept.
@@ -351,7 +365,7 @@ class LandingAdamW(torch.optim.AdamW):
     @staticmethod
     def _write(params: list[torch.Tensor], values: torch.Tensor, wide: bool) -> None:
         for p, v in zip(params, values.unbind(0)):
-            p.copy_(v.mT if wide else v)
+            _dist.local_tensor(p).copy_(v.mT if wide else v)
 
     def _stabilize(self) -> None:
         blocks: dict[Any, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -376,7 +390,10 @@ class LandingAdamW(torch.optim.AdamW):
                 )
             triples += list(zip(groups["X"]["params"], groups["Y"]["params"], groups["theta"]["params"]))
         if triples:
-            reorthonormalize_triples(triples)
+            if any(_dist.is_dtensor(t) for triple in triples for t in triple):
+                _dist.reorthonormalize_sharded_triples(triples)  # FSDP2: Cholesky QR from all-reduced Grams
+            else:
+                reorthonormalize_triples(triples)
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
@@ -394,10 +411,11 @@ class LandingAdamW(torch.optim.AdamW):
             for group in self.param_groups:
                 if group["polar_role"] == "stiefel":
                     for p in group["params"]:
-                        buckets[(tuple(p.shape), p.dtype, p.device)].append(p)
-            for ps in buckets.values():
-                X = torch.stack([p.mT if p.shape[0] < p.shape[1] else p for p in ps]).to(compute_dtype(ps[0].dtype))
-                vals.append(orthogonality_error_from_gram(self._reduce_grams({"xtx": X.mT @ X})["xtx"]))
+                        buckets[(tuple(p.shape), p.dtype, p.device, _dist.row_sharding(p))].append(p)
+            for (*_, sharding), ps in buckets.items():  # FSDP2: local rows, XᵀX all-reduced (call on every rank)
+                X = torch.stack([_dist.local_tensor(p).mT if p.shape[0] < p.shape[1] else _dist.local_tensor(p) for p in ps])
+                X = X.to(compute_dtype(ps[0].dtype))
+                vals.append(orthogonality_error_from_gram(self._reduce({"xtx": X.mT @ X}, sharding)["xtx"]))
         else:
             vals = self._last_orth
         if not vals:
@@ -449,6 +467,7 @@ def make_optimizer(
     """
     from polar.tuner import iter_polar_layers
 
+    _dist.check_model(model)  # FSDP1 / DeepSpeed ZeRO-3: clear error naming DDP / FSDP2 / single GPU
     if mode not in VALID_MODES:
         raise ValueError(f"unknown mode={mode!r}; valid modes: {', '.join(VALID_MODES)}")
     if retraction not in VALID_RETRACTIONS:

@@ -143,6 +143,12 @@ class PolarLinear(nn.Module, PolarLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
+        if type(self.get_base_layer().weight).__name__ == "DTensor":
+            # Writing into a sharded weight's .data never reaches FSDP2's sharded storage: the merge would be lost.
+            raise RuntimeError(
+                "Cannot merge PoLAR into a sharded (FSDP2 / DTensor) base weight: the merge would be silently lost. "
+                "Save the adapter with polar.distributed.save_adapter, then load and merge it in a single process."
+            )
         if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
             raise TypeError(
                 f"Cannot merge PoLAR into a {self.quantization_backend.backend_name} layer: it cannot be "
