@@ -64,7 +64,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,6 +71,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import torch
+
+from polar.io import atomic_write_bytes
 
 __all__ = [
     "History",
@@ -484,20 +485,6 @@ def _grid_key(h: History) -> tuple[float, float, float]:
     return (1.0, h.final_error, -h.step_size)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -755,14 +742,14 @@ def run_canonical(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_bytes(
+        atomic_write_bytes(
             out / "canonical_grid.csv",
             _csv_bytes(
                 ["kappa", "method", "step_size", "seed", "iters_to_tol", "final_rel_error", "diverged", "seconds"],
                 grid_rows,
             ),
         )
-        _atomic_bytes(
+        atomic_write_bytes(
             out / "canonical_curves.csv",
             _csv_bytes(
                 ["kappa", "method", "seed", "step_size", "iteration", "rel_error", "stable_rank",
@@ -777,7 +764,7 @@ def run_canonical(
         if plots:
             written += [f"canonical_{name}.{ext}" for name in ("convergence", "stable_rank") for ext in ("png", "svg")]
         summary["files"] = sorted(written)
-        _atomic_bytes(
+        atomic_write_bytes(
             out / "canonical_summary.json",
             (json.dumps(summary, indent=2, default=_json_default) + "\n").encode("utf-8"),
         )
@@ -950,4 +937,4 @@ def _plot(
         for ext in ("png", "svg"):
             buf = io.BytesIO()
             fig.savefig(buf, format=ext, dpi=90)
-            _atomic_bytes(out / f"canonical_{name}.{ext}", buf.getvalue())
+            atomic_write_bytes(out / f"canonical_{name}.{ext}", buf.getvalue())

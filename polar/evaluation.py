@@ -103,7 +103,8 @@ def evaluate(
     else:
         results = _evaluate_lm(adapter_dir, base, task_list, num_fewshot, batch_size, limit, include_path, device,
                                dtype, trust_remote_code, seed)
-    from polar.training import package_versions, write_json_atomic
+    from polar.io import atomic_write_json
+    from polar.training import package_versions
 
     if results.pop("main_process", True) is False:
         return {"adapter": str(adapter_dir), "base_model": base, "tasks": task_list, **results, "output": None}
@@ -121,7 +122,7 @@ def evaluate(
     }
     target = Path(output) if output else adapter_dir / RESULTS_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target, _clean(out))
+    atomic_write_json(target, _clean(out))
     out["output"] = str(target)
     return out
 

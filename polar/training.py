@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from polar.io import atomic_write_json
+
 ADAPTERS = ("polar", "lora", "dora")
 DEFAULT_LR = {"polar": 4e-3, "lora": 4e-4, "dora": 4e-4}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
@@ -182,12 +184,6 @@ def clear_run(folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
     for path in folder.glob("runs"):  # tensorboard logs
         shutil.rmtree(path, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -609,7 +605,7 @@ def _run(settings: TrainSettings, argv: list[str] | None = None) -> dict[str, An
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if is_main:
-        write_json_atomic(output_dir / "run.json", run_info)
+        atomic_write_json(output_dir / "run.json", run_info)
 
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(output_dir))  # main process only, adapter in PEFT format (+ modules_to_save)
@@ -622,7 +618,7 @@ def _run(settings: TrainSettings, argv: list[str] | None = None) -> dict[str, An
         orth = orthogonality_error(trainer.model) if settings.adapter == "polar" else None
         if orth is not None:
             run_info["final_orth_error"] = orth
-        write_json_atomic(output_dir / "run.json", run_info)
+        atomic_write_json(output_dir / "run.json", run_info)
     _barrier()
     return {"output_dir": str(output_dir), "metrics": result.metrics, "global_step": trainer.state.global_step,
             "run": run_info}

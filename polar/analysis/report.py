@@ -6,11 +6,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import pandas as pd
+
+from polar.io import atomic_write_bytes, atomic_write_text
 import torch
 
 from .readers import AdapterSource, ModuleDelta, iter_sources, read_source
@@ -319,26 +320,6 @@ def format_summary(df: pd.DataFrame, value: str = "stable_rank") -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # files
-
-
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> Path:
-    """Write ``data`` to a temporary file next to ``path`` and ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _clean(value: Any) -> Any:
