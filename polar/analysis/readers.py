@@ -86,6 +86,49 @@ class ModuleDelta:
     base_weight: Optional[torch.Tensor] = None  # DoRA: base W in nn.Linear orientation (out × in)
     delta: str = "full"  # "full" or "directional" (DoRA without base weight)
 
+    @classmethod
+    def polar(cls, module: str, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, scale: float) -> "ModuleDelta":
+        """A PoLAR module: ΔW = scale · X Θ Yᵀ (Θ full or its diagonal)."""
+        return cls(
+            module=module,
+            adapter_type="polar",
+            out_features=x.shape[0],
+            in_features=y.shape[0],
+            r=x.shape[1],
+            scale=scale,
+            left=x,
+            right=y,
+            core=theta,
+            theta="diagonal" if theta.ndim == 1 else "full",
+            orthonormal_factors=True,
+        )
+
+    @classmethod
+    def lora(
+        cls,
+        module: str,
+        kind: str,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: float,
+        core: Optional[torch.Tensor] = None,
+        theta: Optional[str] = None,
+    ) -> "ModuleDelta":
+        """A LoRA-layout module: ΔW = scale · B A, or scale · B S A for reference PoLAR (``core`` = S)."""
+        return cls(
+            module=module,
+            adapter_type=kind,
+            out_features=b.shape[0],
+            in_features=a.shape[1],
+            r=a.shape[0],
+            scale=scale,
+            left=b,
+            right=a.T,
+            core=core,
+            theta=theta,
+            orthonormal_factors=kind == "polar-reference",
+        )
+
     @property
     def needs_dense(self) -> bool:
         return self.adapter_type == "dora" and self.base_weight is not None and self.magnitude is not None
@@ -443,21 +486,7 @@ def _modules_from_groups(
                 scale = float(a) / r
             else:
                 scale = float(alpha) / r if alpha is not None else 1.0
-            out.append(
-                ModuleDelta(
-                    module=module,
-                    adapter_type="polar",
-                    out_features=x.shape[0],
-                    in_features=y.shape[0],
-                    r=r,
-                    scale=scale,
-                    left=x,
-                    right=y,
-                    core=theta,
-                    theta="diagonal" if theta.ndim == 1 else "full",
-                    orthonormal_factors=True,
-                )
-            )
+            out.append(ModuleDelta.polar(module, x, y, theta, scale))
             continue
         if "A" not in parts or "B" not in parts:
             raise AdapterFormatError(
@@ -485,19 +514,7 @@ def _modules_from_groups(
             elif reference_theta == "identity":
                 core = None
             theta = "identity" if core is None else ("diagonal" if core.ndim == 1 else "full")
-        md = ModuleDelta(
-            module=module,
-            adapter_type=kind,
-            out_features=b_mat.shape[0],
-            in_features=a_mat.shape[1],
-            r=r,
-            scale=scale,
-            left=b_mat,
-            right=a_mat.T,
-            core=core,
-            theta=theta,
-            orthonormal_factors=kind == "polar-reference",
-        )
+        md = ModuleDelta.lora(module, kind, a_mat, b_mat, scale, core, theta)
         if kind == "dora":
             md.magnitude = parts["magnitude"]
             weight = None
@@ -793,21 +810,7 @@ def read_model(
         polar_x = getattr(layer, "polar_X", None)
         if isinstance(polar_x, nn.ParameterDict) and adapter_name in polar_x:
             x, y, theta = polar_x[adapter_name], layer.polar_Y[adapter_name], layer.polar_theta[adapter_name]
-            out.append(
-                ModuleDelta(
-                    module=name,
-                    adapter_type="polar",
-                    out_features=x.shape[0],
-                    in_features=y.shape[0],
-                    r=x.shape[1],
-                    scale=float(layer.scaling[adapter_name]),
-                    left=x,
-                    right=y,
-                    core=theta,
-                    theta="diagonal" if theta.ndim == 1 else "full",
-                    orthonormal_factors=True,
-                )
-            )
+            out.append(ModuleDelta.polar(name, x, y, theta, float(layer.scaling[adapter_name])))
             kinds.add("polar")
             continue
         lora_a = getattr(layer, "lora_A", None)
@@ -820,7 +823,6 @@ def read_model(
             b_mat = layer.lora_embedding_B[adapter_name]
         else:
             continue
-        r = a_mat.shape[0]
         scale = float(layer.scaling[adapter_name])
         lora_s = getattr(layer, "lora_S", None)
         core = None
@@ -830,19 +832,7 @@ def read_model(
             kind = "polar-reference"
             core = lora_s[adapter_name].weight  # the parametrised (effective) S
             theta = "full"
-        md = ModuleDelta(
-            module=name,
-            adapter_type=kind,
-            out_features=b_mat.shape[0],
-            in_features=a_mat.shape[1],
-            r=r,
-            scale=scale,
-            left=b_mat,
-            right=a_mat.T,
-            core=core,
-            theta=theta,
-            orthonormal_factors=kind == "polar-reference",
-        )
+        md = ModuleDelta.lora(name, kind, a_mat, b_mat, scale, core, theta)
         use_dora = getattr(layer, "use_dora", {}) or {}
         magnitude = getattr(layer, "lora_magnitude_vector", None)
         if use_dora.get(adapter_name) and magnitude is not None and adapter_name in magnitude:
