@@ -10,6 +10,8 @@ results file, and cells already there are skipped, so the grid runs in slices th
     .venv/bin/python benchmarks/glue_minilm.py run --tasks cola,rte,sst2,stsb --ranks 8,32 --seeds 0,1
     # 3. the table and the stable-rank figure
     .venv/bin/python benchmarks/glue_minilm.py report --out docs/figures
+    # 4. recompute every recorded stable rank from the saved adapters (polar.analyze)
+    .venv/bin/python benchmarks/glue_minilm.py verify
 
 Adapters are kept under ``runs/glue_minilm/<cell>`` so ``polar analyze`` can recompute every stable rank.
 Data: ``../shared/data/glue/{CoLA,RTE,SST-2,STS-B}`` (original GLUE TSVs); the script stops with a message when
@@ -38,8 +40,13 @@ DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "polar": 2e-3}
 TARGETS = ("query", "key", "value", "dense")
 
 
-def _cell_id(task: str, adapter: str, r: int, lr: float, seed: int, steps: int) -> str:
-    return f"{task}-{adapter}-r{r}-lr{lr:g}-s{seed}-{steps}steps"
+REFERENCE_LAMBDA = 5e-3
+
+
+def _cell_id(task: str, adapter: str, r: int, lr: float, seed: int, steps: int, landing_lambda: float) -> str:
+    # The reference λ keeps the short id the first slices were recorded under; any other λ is part of the id.
+    lam = f"-lam{landing_lambda:g}" if adapter == "polar" and landing_lambda != REFERENCE_LAMBDA else ""
+    return f"{task}-{adapter}-r{r}-lr{lr:g}{lam}-s{seed}-{steps}steps"
 
 
 def _done(results: Path) -> set[str]:
@@ -59,7 +66,7 @@ def run_cell(args: argparse.Namespace, task: str, adapter: str, r: int, lr: floa
     import polar
     from polar.demo import minilm_path
 
-    cell = _cell_id(task, adapter, r, lr, seed, args.steps)
+    cell = _cell_id(task, adapter, r, lr, seed, args.steps, args.landing_lambda)
     run_dir = Path(args.runs) / cell
     extra = {"landing_lambda": args.landing_lambda} if adapter == "polar" else {}
     summary = polar.train(
@@ -130,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     for seed in (int(v) for v in args.seeds.split(",")):
                         cells.append((task, adapter, r, lr, seed))
     done = _done(Path(args.results))
-    todo = [c for c in cells if _cell_id(*c, args.steps) not in done]
+    todo = [c for c in cells if _cell_id(*c, args.steps, args.landing_lambda) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.results}, {len(todo)} to run")
     for i, (task, adapter, r, lr, seed) in enumerate(todo, 1):
         started = time.perf_counter()
@@ -158,14 +165,20 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 1
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["task"], row["r"], row["adapter"], row["learning_rate"], row["steps"]), []).append(row)
-    print("| task (metric) | r | adapter | lr | steps | seeds | metric (mean ± sd) | median stable rank | max orth. error | s / step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for (task, r, adapter, lr, steps), cell in sorted(groups.items()):
+        lam = row["landing_lambda"] if row["adapter"] == "polar" else 0.0
+        key = (row["task"], row["r"], row["adapter"], row["learning_rate"], lam, row["steps"])
+        groups.setdefault(key, []).append(row)
+    print(
+        "| task (metric) | r | adapter | lr | λ | steps | seeds | metric (mean ± sd) | median stable rank | "
+        "max orth. error | s / step |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (task, r, adapter, lr, lam, steps), cell in sorted(groups.items()):
         orth = [c["orth_error_max"] for c in cell if c["orth_error_max"] is not None]
         orth_text = f"{max(orth):.3g}" if orth else "–"
         print(
-            f"| {task} ({cell[0]['metric']}) | {r} | {adapter} | {lr:g} | {steps} | {len(cell)} | "
+            f"| {task} ({cell[0]['metric']}) | {r} | {adapter} | {lr:g} | {f'{lam:g}' if adapter == 'polar' else '–'} | "
+            f"{steps} | {len(cell)} | "
             f"{_spread([c['value'] for c in cell])} | {_spread([c['median_stable_rank'] for c in cell])} | "
             f"{orth_text} | {statistics.median(c['seconds_per_step'] for c in cell):.3f} |"
         )
@@ -195,6 +208,32 @@ def _figure(rows: list[dict[str, Any]], out: Path) -> None:
     print(f"figure written to {out / 'glue_minilm_stable_rank.png'}")
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Recompute every recorded stable rank with ``polar.analyze`` from the adapter saved under ``--runs``."""
+    import polar
+
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    checked, missing, wrong = 0, [], []
+    for row in rows:
+        run_dir = Path(args.runs) / row["cell"]
+        if not (run_dir / "adapter_config.json").is_file():
+            missing.append(row["cell"])
+            continue
+        recomputed = [float(v) for v in polar.analyze(str(run_dir))["stable_rank"]]
+        recorded = row["stable_ranks"]
+        worst = max((abs(a - b) for a, b in zip(recomputed, recorded)), default=0.0)
+        if len(recomputed) != len(recorded) or worst > args.tol:
+            wrong.append(f"{row['cell']}: {len(recorded)} recorded vs {len(recomputed)} modules, max |diff| {worst:.3g}")
+        checked += 1
+    print(f"{checked} cells recomputed from their adapters, {len(wrong)} differ by more than {args.tol:g}")
+    for line in wrong:
+        print(f"  DIFFERS {line}")
+    if missing:
+        print(f"{len(missing)} cells have no adapter under {args.runs} (rerun them with `run` to check): "
+              + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    return 1 if wrong else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--cutoff", type=int, default=64, help="tokens per example")
     run.add_argument("--max-train", type=int, default=8000, help="SST-2 training examples used (fixed subset)")
-    run.add_argument("--landing-lambda", type=float, default=5e-3)
+    run.add_argument("--landing-lambda", type=float, default=REFERENCE_LAMBDA, help="PoLAR's λ")
     run.add_argument("--track-every", type=int, default=0, help="log stable rank every N steps (0: off)")
     run.add_argument("--data", default=str(DEFAULT_DATA))
     run.add_argument("--runs", default=str(DEFAULT_RUNS))
@@ -219,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--results", default=str(DEFAULT_RESULTS))
     report.add_argument("--out", default=None, help="folder for the figure (PNG and SVG)")
     report.set_defaults(func=cmd_report)
+    verify = sub.add_parser("verify", help="recompute the recorded stable ranks from the saved adapters")
+    verify.add_argument("--results", default=str(DEFAULT_RESULTS))
+    verify.add_argument("--runs", default=str(DEFAULT_RUNS))
+    verify.add_argument("--tol", type=float, default=1e-6, help="largest accepted |recorded - recomputed|")
+    verify.set_defaults(func=cmd_verify)
     args = parser.parse_args(argv)
     return args.func(args)
 

