@@ -31,7 +31,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 from .readers import AdapterFormatError, read_model
-from .report import _layer_and_suffix, module_types
+from .report import SPECTRAL_COLUMNS, _layer_and_suffix, module_types
 from .spectra import factored_singular_values, dense_singular_values, orthogonality_error, spectrum_stats
 
 __all__ = ["StableRankCallback", "CSV_COLUMNS", "measure"]
@@ -44,12 +44,7 @@ CSV_COLUMNS = [
     "layer",
     "adapter_type",
     "r",
-    "stable_rank",
-    "effective_rank",
-    "fro_norm",
-    "spectral_norm",
-    "orth_error_x",
-    "orth_error_y",
+    *SPECTRAL_COLUMNS,
 ]
 
 

@@ -41,6 +41,8 @@ JSON_FORMAT = "polar-analyze"
 JSON_VERSION = 1
 DEFAULT_TOP_K = 8
 
+# What is measured per module, here and in the training-time log (callback.CSV_COLUMNS).
+SPECTRAL_COLUMNS = ["stable_rank", "effective_rank", "fro_norm", "spectral_norm", "orth_error_x", "orth_error_y"]
 # Fixed leading columns of the table; followed by sigma_1 .. sigma_<top_k> and singular_values.
 COLUMNS = [
     "label",
@@ -57,12 +59,7 @@ COLUMNS = [
     "scaling",
     "theta",
     "delta",
-    "stable_rank",
-    "effective_rank",
-    "fro_norm",
-    "spectral_norm",
-    "orth_error_x",
-    "orth_error_y",
+    *SPECTRAL_COLUMNS,
 ]
 
 
