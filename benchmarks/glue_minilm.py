@@ -182,9 +182,38 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"{_spread([c['value'] for c in cell])} | {_spread([c['median_stable_rank'] for c in cell])} | "
             f"{orth_text} | {statistics.median(c['seconds_per_step'] for c in cell):.3f} |"
         )
+    if args.curves:
+        _curves(rows, Path(args.runs))
     if args.out:
-        _figure(rows, Path(args.out))
+        _figure([row for row in rows if _on_grid(row)], Path(args.out))
     return 0
+
+
+def _on_grid(row: dict[str, Any]) -> bool:
+    """A cell of the main grid: the adapter's chosen learning rate (and, for PoLAR, the reference λ)."""
+    lam_ok = row["adapter"] != "polar" or row["landing_lambda"] == REFERENCE_LAMBDA
+    return row["learning_rate"] == DEFAULT_LR[row["adapter"]] and lam_ok
+
+
+def _curves(rows: list[dict[str, Any]], runs: Path) -> None:
+    """Median stable rank (over modules) at fractions of training, from each cell's stable_rank.csv."""
+    import pandas as pd
+
+    fractions = (0.125, 0.25, 0.5, 1.0)
+    print()
+    print("| cell | " + " | ".join(f"median SR at {f:g}" for f in fractions) + " | max orth. error at the end |")
+    print("|---|" + "---|" * (len(fractions) + 1))
+    for row in rows:
+        path = runs / row["cell"] / "stable_rank.csv"
+        if not path.is_file():
+            continue
+        log = pd.read_csv(path)
+        median = log.groupby("step")["stable_rank"].median()
+        picks = [median.index[abs(median.index - f * row["steps"]).argmin()] for f in fractions]
+        last = log[log["step"] == median.index.max()]
+        orth = last[["orth_error_x", "orth_error_y"]].max().max()
+        orth_text = "–" if pd.isna(orth) else f"{orth:.3g}"
+        print(f"| {row['cell']} | " + " | ".join(f"{median[s]:.2f} (step {s})" for s in picks) + f" | {orth_text} |")
 
 
 def _figure(rows: list[dict[str, Any]], out: Path) -> None:
@@ -257,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="print the results table and draw the stable-rank figure")
     report.add_argument("--results", default=str(DEFAULT_RESULTS))
     report.add_argument("--out", default=None, help="folder for the figure (PNG and SVG)")
+    report.add_argument("--curves", action="store_true", help="also tabulate stable rank over training (--track-every cells)")
+    report.add_argument("--runs", default=str(DEFAULT_RUNS), help="where the cells' run folders are (for --curves)")
     report.set_defaults(func=cmd_report)
     verify = sub.add_parser("verify", help="recompute the recorded stable ranks from the saved adapters")
     verify.add_argument("--results", default=str(DEFAULT_RESULTS))

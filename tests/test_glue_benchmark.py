@@ -31,7 +31,7 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     common = ["--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"),
               "--results", str(tmp_path / "results.jsonl")]
     run = ["run", "--tasks", "rte", "--ranks", "2", "--seeds", "0", "--steps", "2", "--batch-size", "2",
-           "--cutoff", "16", *common]
+           "--cutoff", "16", "--track-every", "1", *common]
     assert bench.main([*run, "--adapters", "lora,polar"]) == 0
     assert bench.main([*run, "--adapters", "polar", "--landing-lambda", "1"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -64,6 +64,12 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     table = capsys.readouterr().out
     assert "| rte (accuracy) | 2 | polar | 0.002 | 1 | 2 | 1 |" in table
     assert "| rte (accuracy) | 2 | polar | 0.002 | 0.005 | 2 | 1 |" in table
+
+    assert bench.main(["report", "--curves", "--results", str(tmp_path / "results.jsonl"),
+                       "--runs", str(tmp_path / "runs")]) == 0
+    curves = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| rte-")]
+    assert [line.split(" | ")[0] for line in curves] == ["| " + r["cell"] for r in rows]
+    assert curves[0].endswith("| – |") and not curves[1].endswith("| – |")  # orthogonality only for PoLAR
 
 
 def test_missing_data_folder_is_reported_not_raised(tmp_path, capsys):
