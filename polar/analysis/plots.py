@@ -344,8 +344,8 @@ def plot_runs(
     run_dirs: Sequence[PathLike], out_dir: PathLike, labels: Optional[Sequence[str]] = None,
     stem: str = "training",
 ) -> list[Path]:
-    """Training curves of one or several runs, overlaid: stable rank over steps (median over modules, band from
-    min to max), orthogonality error (max over modules of max(‖XᵀX−I‖_F, ‖YᵀY−I‖_F), log scale) and loss.
+    """Training curves of one or several runs, overlaid: stable rank over steps (median over modules, band over
+    the interquartile range), orthogonality error (max over modules of max(‖XᵀX−I‖_F, ‖YᵀY−I‖_F), log scale) and loss.
     Writes ``<stem>.png/.svg`` (all three panels) plus ``stable_rank_evolution``, ``orthogonality_error`` and
     ``loss`` figures; with a single run, also ``stable_rank_by_module_type`` (median per module type)."""
     plt = _plt()
@@ -364,10 +364,11 @@ def plot_runs(
             g = sr.groupby("step")["stable_rank"]
             steps = g.median().index.to_numpy()
             ax.plot(steps, g.median().to_numpy(), color=c, label=f"{name} (median)")
-            ax.fill_between(steps, g.min().to_numpy(), g.max().to_numpy(), color=c, alpha=0.15)
+            # Interquartile band: a min–max band over dozens of modules hides the median once runs overlap.
+            ax.fill_between(steps, g.quantile(0.25).to_numpy(), g.quantile(0.75).to_numpy(), color=c, alpha=0.15)
         ax.set_xlabel("step")
         ax.set_ylabel("stable rank of ΔW")
-        ax.set_title("Stable rank (median, min–max over modules)", fontsize=10)
+        ax.set_title("Stable rank (median and interquartile range over modules)", fontsize=10)
 
     def draw_orth(ax):
         drawn = False
