@@ -99,3 +99,16 @@ def test_polar_trainer_with_accumulation_logs_orthogonality(tmp_path) -> None:
     assert len({h["polar_orth_max"] for h in logged}) > 1  # live values, not a constant
     # stabilize_every=2 and 4 steps: the factors were re-orthonormalised after the last step
     assert max(float(orthogonality_error(x)) for x in _snapshot(model)) < 2e-6
+
+
+def test_polar_trainer_warns_once_when_the_factors_leave_the_manifold(tmp_path) -> None:
+    model = _model()
+    # Plain AdamW on X and Y at a large lr: nothing pulls the factors back to the manifold.
+    trainer = PolarTrainer(model=model, args=_args(tmp_path, learning_rate=0.1), train_dataset=_data(),
+                           polar_optimizer_kwargs={"mode": "euclidean"})
+    with pytest.warns(RuntimeWarning, match=r"left the Stiefel manifold at step \d+: max ‖XᵀX − I‖_F") as caught:
+        trainer.train()
+    drifted = [h["polar_orth_max"] for h in trainer.state.log_history if "polar_orth_max" in h]
+    assert sum(v > PolarTrainer.orth_warning_threshold for v in drifted) >= 2  # drifted at several log lines ...
+    assert len([w for w in caught if "Stiefel" in str(w.message)]) == 1  # ... and was told once
+    assert max(orthogonality_error(layer.polar_X["default"]).item() for _, layer in iter_polar_layers(model)) > 1.0
