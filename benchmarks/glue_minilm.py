@@ -201,8 +201,11 @@ def _curves(rows: list[dict[str, Any]], runs: Path) -> None:
 
     fractions = (0.125, 0.25, 0.5, 1.0)
     print()
-    print("| cell | " + " | ".join(f"median SR at {f:g}" for f in fractions) + " | max orth. error at the end |")
-    print("|---|" + "---|" * (len(fractions) + 1))
+    print(
+        "| cell | " + " | ".join(f"median SR at {f:g}" for f in fractions)
+        + " | peak orth. error (step) | max orth. error at the end |"
+    )
+    print("|---|" + "---|" * (len(fractions) + 2))
     for row in rows:
         path = runs / row["cell"] / "stable_rank.csv"
         if not path.is_file():
@@ -210,10 +213,16 @@ def _curves(rows: list[dict[str, Any]], runs: Path) -> None:
         log = pd.read_csv(path)
         median = log.groupby("step")["stable_rank"].median()
         picks = [median.index[abs(median.index - f * row["steps"]).argmin()] for f in fractions]
-        last = log[log["step"] == median.index.max()]
-        orth = last[["orth_error_x", "orth_error_y"]].max().max()
-        orth_text = "–" if pd.isna(orth) else f"{orth:.3g}"
-        print(f"| {row['cell']} | " + " | ".join(f"{median[s]:.2f} (step {s})" for s in picks) + f" | {orth_text} |")
+        orth = log[["orth_error_x", "orth_error_y"]].max(axis=1).groupby(log["step"]).max()
+        if orth.isna().all():
+            peak_text = end_text = "–"
+        else:
+            peak_text = f"{orth.max():.3g} ({orth.idxmax()})"
+            end_text = f"{orth[orth.index.max()]:.3g}"
+        print(
+            f"| {row['cell']} | " + " | ".join(f"{median[s]:.2f} (step {s})" for s in picks)
+            + f" | {peak_text} | {end_text} |"
+        )
 
 
 def _figure(rows: list[dict[str, Any]], out: Path) -> None:
