@@ -100,7 +100,7 @@ class PolarTrainerMixin:
                 lam = sorted({g["landing_lambda"] for g in opt.param_groups if g.get("polar_role") == "stiefel"})
                 warnings.warn(
                     f"PoLAR factors left the Stiefel manifold at step {self.state.global_step}: max ‖XᵀX − I‖_F = "
-                    f"{report['max']:.3g} (> {self.orth_warning_threshold:g}) with landing_lambda {lam}. The adapter "
+                    f"{report['max']:.4g} (> {self.orth_warning_threshold:g}) with landing_lambda {lam}. The adapter "
                     "is then an unconstrained three-factor product and large drifts have diverged in our runs; "
                     "raise landing_lambda (1.0 held lr 4e-3 at ~1e-2 on MiniLM) or lower the learning rate.",
                     RuntimeWarning,
