@@ -38,9 +38,7 @@ LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "dora": (5e-4, 1e-3, 2e-3), "polar": (1e-
 # Chosen on the grid of step 1 (see BENCHMARKS.md); override with --lr adapter=value.
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "polar": 2e-3}
 TARGETS = ("query", "key", "value", "dense")
-
-
-REFERENCE_LAMBDA = 5e-3
+REFERENCE_LAMBDA = 5e-3  # the reference's commonsense λ, PoLAR's default
 
 
 def _cell_id(task: str, adapter: str, r: int, lr: float, seed: int, steps: int, landing_lambda: float) -> str:
@@ -49,10 +47,11 @@ def _cell_id(task: str, adapter: str, r: int, lr: float, seed: int, steps: int, 
     return f"{task}-{adapter}-r{r}-lr{lr:g}{lam}-s{seed}-{steps}steps"
 
 
-def _done(results: Path) -> set[str]:
+def _read_rows(results: Path) -> list[dict[str, Any]]:
+    """The recorded cells, one per JSON line; none when the results file does not exist yet."""
     if not results.is_file():
-        return set()
-    return {json.loads(line)["cell"] for line in results.read_text().splitlines() if line.strip()}
+        return []
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
 
 
 def _append(results: Path, row: dict[str, Any]) -> None:
@@ -136,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for lr in lrs:
                     for seed in (int(v) for v in args.seeds.split(",")):
                         cells.append((task, adapter, r, lr, seed))
-    done = _done(Path(args.results))
+    done = {row["cell"] for row in _read_rows(Path(args.results))}
     todo = [c for c in cells if _cell_id(*c, args.steps, args.landing_lambda) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.results}, {len(todo)} to run")
     for i, (task, adapter, r, lr, seed) in enumerate(todo, 1):
@@ -159,7 +158,7 @@ def _spread(values: list[float]) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    rows = _read_rows(Path(args.results))
     if not rows:
         print(f"no results in {args.results}")
         return 1
@@ -250,7 +249,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Recompute every recorded stable rank with ``polar.analyze`` from the adapter saved under ``--runs``."""
     import polar
 
-    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    rows = _read_rows(Path(args.results))
+    if not rows:
+        print(f"no results in {args.results}")
+        return 1
     checked, missing, wrong = 0, [], []
     for row in rows:
         run_dir = Path(args.runs) / row["cell"]

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from polar.io import atomic_write_bytes
+
 from .readers import AdapterSource, ModuleDelta
-from .report import atomic_write_bytes, safe_filename
+from .report import safe_filename
 from .spectra import row_embedding
 
 __all__ = [

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import pandas as pd
-
-from polar.io import atomic_write_bytes, atomic_write_text
 import torch
+
+from polar.io import atomic_write_text
 
 from .readers import AdapterSource, ModuleDelta, iter_sources, read_source
 from .spectra import (
