@@ -311,6 +311,8 @@ def build_peft_config(settings: TrainSettings, model: Any, classification: bool)
         )
         if settings.landing_lambda is not None:
             kwargs["landing_lambda"] = float(settings.landing_lambda)
+        if settings.optimizer_mode is not None:  # recorded with the adapter, as make_optimizer reads it
+            kwargs["optimizer_mode"] = settings.optimizer_mode
         return polar.PolarConfig(**kwargs)
     return LoraConfig(
         r=int(settings.r), lora_alpha=float(settings.alpha), lora_dropout=float(settings.dropout),

@@ -504,13 +504,13 @@ class LandingAdamW(torch.optim.AdamW):
 
 
 # ---------------------------------------------------------------------- factory
-def _find_config_lambda(model: nn.Module, adapter_name: str) -> Optional[float]:
+def _find_config(model: nn.Module, adapter_name: str) -> Any:
     from polar.tuner import PolarConfig
 
     for module in model.modules():
         configs = getattr(module, "peft_config", None)
         if isinstance(configs, dict) and isinstance(configs.get(adapter_name), PolarConfig):
-            return float(configs[adapter_name].landing_lambda)
+            return configs[adapter_name]
     return None
 
 
@@ -521,7 +521,7 @@ def make_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    mode: str = DEFAULT_MODE,
+    mode: Optional[str] = None,
     retraction: str = DEFAULT_RETRACTION,
     safe_step: bool = False,
     stabilize_every: int = 0,
@@ -536,7 +536,8 @@ def make_optimizer(
       ``weight_decay``.
     * Frozen adapters (``requires_grad=False``, e.g. inactive ones or loaded without ``is_trainable=True``) and
       frozen base weights are left out.
-    * ``landing_lambda=None`` uses each adapter's ``PolarConfig.landing_lambda``.
+    * ``mode=None`` / ``landing_lambda=None`` use each adapter's ``PolarConfig.optimizer_mode`` /
+      ``PolarConfig.landing_lambda``. An explicit λ with a mode that does not use it is refused.
     * ``optimizer_cls``: a :class:`LandingAdamW` subclass to build (e.g. one whose ``_reduce_grams`` all-reduces
       over row shards); ``**adamw_kwargs`` go to ``torch.optim.AdamW`` (``foreach``, ``fused``, ...).
 
@@ -547,15 +548,10 @@ def make_optimizer(
     from polar.tuner import iter_polar_layers
 
     _dist.check_model(model)  # FSDP1 / DeepSpeed ZeRO-3: clear error naming DDP / FSDP2 / single GPU
-    if mode not in VALID_MODES:
+    if mode is not None and mode not in VALID_MODES:
         raise ValueError(f"unknown mode={mode!r}; valid modes: {', '.join(VALID_MODES)}")
     if retraction not in VALID_RETRACTIONS:
         raise ValueError(f"unknown retraction={retraction!r}; valid retractions: {', '.join(VALID_RETRACTIONS)}")
-    if landing_lambda is not None and mode not in LAMBDA_MODES:
-        raise ValueError(
-            f"make_optimizer: landing_lambda={landing_lambda!r} has no effect with mode={mode!r} (only "
-            f"{' and '.join(LAMBDA_MODES)} use λ); drop it, or pass mode='landing' for the reference's landing field."
-        )
 
     per_adapter: dict[str, dict[str, list[torch.Tensor]]] = {}
     seen: set[int] = set()
@@ -586,14 +582,24 @@ def make_optimizer(
         )
 
     groups: list[dict[str, Any]] = []
+    modes = set()
     for block, (adapter, slots) in enumerate(sorted(per_adapter.items())):
-        lam = landing_lambda if landing_lambda is not None else _find_config_lambda(model, adapter)
-        if lam is None:
+        config = _find_config(model, adapter)
+        if config is None and (landing_lambda is None or mode is None):
             raise ValueError(
-                f"make_optimizer: no PolarConfig found for adapter {adapter!r} to read landing_lambda from; "
-                "pass landing_lambda=... explicitly."
+                f"make_optimizer: no PolarConfig found for adapter {adapter!r} to read optimizer_mode and "
+                "landing_lambda from; pass mode=... and landing_lambda=... explicitly."
             )
-        common = dict(polar_block=block, landing_lambda=lam, mode=mode, retraction=retraction,
+        lam = landing_lambda if landing_lambda is not None else float(config.landing_lambda)
+        adapter_mode = mode if mode is not None else config.optimizer_mode
+        if landing_lambda is not None and adapter_mode not in LAMBDA_MODES:
+            raise ValueError(
+                f"make_optimizer: landing_lambda={landing_lambda!r} has no effect with mode={adapter_mode!r} "
+                f"(adapter {adapter!r}; only {' and '.join(LAMBDA_MODES)} use λ); drop it, or pass mode='landing' "
+                "for the reference's landing field."
+            )
+        modes.add(adapter_mode)
+        common = dict(polar_block=block, landing_lambda=lam, mode=adapter_mode, retraction=retraction,
                       safe_step=safe_step, stabilize_every=stabilize_every, polar_adapter=adapter)
         groups.append(dict(params=slots["X"], polar_role="stiefel", polar_factor="X", weight_decay=0.0, **common))
         groups.append(dict(params=slots["Y"], polar_role="stiefel", polar_factor="Y", weight_decay=0.0, **common))
@@ -611,7 +617,7 @@ def make_optimizer(
         eps=eps,
         weight_decay=weight_decay,
         landing_lambda=landing_lambda if landing_lambda is not None else _POLAR_DEFAULTS["landing_lambda"],
-        mode=mode,
+        mode=modes.pop() if len(modes) == 1 else DEFAULT_MODE,
         retraction=retraction,
         safe_step=safe_step,
         stabilize_every=stabilize_every,
