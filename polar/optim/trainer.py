@@ -26,7 +26,8 @@ import torch
 import transformers
 from torch import nn
 
-from .optimizer import LandingAdamW, make_optimizer
+from .factory import make_optimizer
+from .optimizer import LandingAdamW
 
 __all__ = ["PolarOptimizerFactory", "PolarTrainerMixin", "PolarTrainer", "drift_advice", "unwrap_landing_optimizer"]
 
