@@ -286,6 +286,25 @@ def test_stabilize_every_carries_the_first_moments_into_the_new_basis() -> None:
     assert checked == 3 * 8
 
 
+def test_stabilize_every_carries_landing_field_moments_into_the_new_basis() -> None:
+    """The same check for the landing mode (λ = 0, so AdamW's moment is the field's skew part G XᵀX − X GᵀX): after
+    the re-orthonormalisation it must equal that field computed at the new point, which moves as Λ M, not G M⁻ᵀ."""
+    model = _model().double()
+    with torch.no_grad():
+        for x, y, _ in _triples(model):
+            x.mul_(1 + 0.3 * torch.rand(x.shape[1], dtype=x.dtype, generator=torch.Generator().manual_seed(5)))
+            y.add_(0.05 * torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(6)))
+    opt = make_optimizer(model, lr=0.0, mode="landing", landing_lambda=0.0, stabilize_every=1, betas=(0.0, 0.0))
+    _loss(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    _loss(model, 0).backward()
+    for x, y, _ in _triples(model):
+        for p in (x, y):
+            want = landing_field(p.detach(), p.grad, 0.0)
+            torch.testing.assert_close(opt.state[p]["exp_avg"], want, rtol=1e-8, atol=1e-12)
+
+
 def test_second_moment_transport_is_exact_for_a_signed_permutation() -> None:
     from polar.optim.stabilize import transport_factor_moment, transport_theta_moment
 

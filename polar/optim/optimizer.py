@@ -393,6 +393,9 @@ class LandingAdamW(torch.optim.AdamW):
                 self._write(params, x_old + t.view(-1, 1, 1) * delta, wide)
         self._stabilize()
 
+    def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        return self._groups_of([param])[0]
+
     def _groups_of(self, params: list[torch.Tensor]) -> list[dict[str, Any]]:
         owner = {id(p): g for g in self.param_groups for p in g["params"]}
         return [owner[id(p)] for p in params]
@@ -452,8 +455,11 @@ class LandingAdamW(torch.optim.AdamW):
             My = self._basis_changes([before[i][1] for i in idx], [_dist.local_tensor(triples[i][1]) for i in idx], sy)
             for j, i in enumerate(idx):
                 x, y, theta = triples[i]
-                for p, fn in ((x, lambda t, k: transport_factor_moment(t, Mx[j], k)),
-                              (y, lambda t, k: transport_factor_moment(t, My[j], k)),
+                # The landing / retraction modes feed AdamW the field's skew part, which moves with the basis
+                # the other way round from a gradient (see transport_factor_moment).
+                fed = "field" if self._group_of(x)["mode"] in ("landing", "retraction") else "gradient"
+                for p, fn in ((x, lambda t, k: transport_factor_moment(t, Mx[j], k, fed)),
+                              (y, lambda t, k: transport_factor_moment(t, My[j], k, fed)),
                               (theta, lambda t, k: transport_theta_moment(t, Mx[j], My[j], k))):
                     state = self.state.get(p, {})
                     for name, kind in (("exp_avg", "first"), ("exp_avg_sq", "second"), ("max_exp_avg_sq", "second")):

@@ -14,8 +14,8 @@ Where θ = 0 exactly (e.g. at initialisation) ΔW = 0 for any basis and only the
 
 Either way the new point is ``X' = X M_X``, ``Y' = Y M_Y``, ``Θ' = M_X⁻¹ Θ M_Y⁻ᵀ`` for invertible r × r ``M``
 (``M = R⁻¹``, or ``R⁻¹ U`` for a diagonal Θ). Gradients at that point transform exactly as
-``G_X' = G_X M_X⁻ᵀ`` and ``G_Θ' = M_Xᵀ G_Θ M_Y``, so AdamW's first moments (averages of gradients) are carried
-into the new basis the same way (:func:`transport_factor_moment`, :func:`transport_theta_moment`; used by
+``G_X' = G_X M_X⁻ᵀ`` and ``G_Θ' = M_Xᵀ G_Θ M_Y``, and the landing field's skew part as ``Λ' = Λ M_X``; AdamW's
+first moments (averages of those) are carried into the new basis the same way (:func:`transport_factor_moment`, :func:`transport_theta_moment`; used by
 ``LandingAdamW(stabilize_every=k)``). The second moments are per-coordinate averages of squares and have no
 exact image under a basis change that mixes columns; they are mapped as if the coordinates were independent,
 ``v' = v (N∘N)`` for a map ``m' = m N`` (∘ = elementwise). That keeps them positive, is exact for signed
@@ -96,10 +96,20 @@ def reorthonormalize_factors(
     return tuple(t.squeeze(0) for t in out) if single else out  # type: ignore[return-value]
 
 
-def transport_factor_moment(m: torch.Tensor, M: torch.Tensor, kind: str) -> torch.Tensor:
-    """AdamW moment of a tall factor (``n × r``) carried through ``X' = X M``: first ``m M⁻ᵀ``, second
-    ``v (M⁻ᵀ ∘ M⁻ᵀ)`` (independent-coordinate approximation, see the module doc). Computed in float64."""
-    N = torch.linalg.inv(M.double()).mT
+def transport_factor_moment(m: torch.Tensor, M: torch.Tensor, kind: str, direction: str = "gradient") -> torch.Tensor:
+    """AdamW moment of a tall factor (``n × r``) carried through ``X' = X M`` (computed in float64).
+
+    ``direction`` is what the moments average. ``"gradient"`` (a gradient, or its tangent projection): it
+    transforms as ``G' = G M⁻ᵀ``, so the first moment becomes ``m M⁻ᵀ``. ``"field"`` (the landing field's skew part
+    ``G XᵀX − X GᵀX``, fed by the landing and retraction modes): it transforms as ``Λ' = Λ M`` (the XᵀX factors
+    carry the basis change the other way), so ``m M``. Near the manifold (M = I + E, E small, nearly symmetric)
+    the two differ in the sign of E: using the gradient rule for a field pushes the moments the wrong way.
+    Second moments ``v`` follow ``v (N ∘ N)`` for the first-moment map ``N`` (independent-coordinate
+    approximation, see the module doc).
+    """
+    if direction not in ("gradient", "field"):
+        raise ValueError(f"direction must be 'gradient' or 'field', got {direction!r}")
+    N = M.double() if direction == "field" else torch.linalg.inv(M.double()).mT
     if kind == "second":
         N = N.square()
     return m.double() @ N
