@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .. import distributed as _dist
+from . import sharding as _dist
 from .landing import (
     compute_dtype,
     landing_field_from_grams,
@@ -183,7 +183,7 @@ class LandingAdamW(torch.optim.AdamW):
         step and the polar retraction are computed from these reduced values only.
 
         FSDP2 ``Shard(0)`` DTensor factors are handled built in (:meth:`_reduce`): the sums over the shard group
-        are done (:func:`polar.distributed.all_reduce_grams`) before this hook sees them.
+        are done (:func:`polar.optim.sharding.all_reduce_grams`) before this hook sees them.
         """
         return grams
 
