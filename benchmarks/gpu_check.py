@@ -112,6 +112,7 @@ class Ctx:
     sizes: dict[str, Any]
     deadline: float
     tmp: Path
+    cache: dict[Any, Any] = field(default_factory=dict)  # models loaded once and shared by sections (read-only)
 
     @property
     def cuda(self) -> bool:
@@ -284,12 +285,16 @@ def smollm2_folder() -> tuple[Path, str] | str:
 
 
 def load_smollm2(ctx: Ctx, dtype: torch.dtype) -> tuple[Any, Any]:
+    """SmolLM2-135M and its tokenizer, loaded once per run (callers copy the model before adapting it)."""
     import transformers
 
-    folder, name = smollm2_folder()  # type: ignore[misc]
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=dtype)
-    return model.to(ctx.device), tok
+    key = ("smollm2", dtype)
+    if key not in ctx.cache:
+        folder, name = smollm2_folder()  # type: ignore[misc]
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=dtype)
+        ctx.cache[key] = (model.to(ctx.device).eval(), tok)
+    return ctx.cache[key]
 
 
 def section_c(ctx: Ctx, res: Results) -> None:
