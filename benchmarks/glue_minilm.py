@@ -38,13 +38,35 @@ LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "dora": (5e-4, 1e-3, 2e-3), "polar": (1e-
 # Chosen on the grid of step 1 (see BENCHMARKS.md); override with --lr adapter=value.
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "polar": 2e-3}
 TARGETS = ("query", "key", "value", "dense")
-REFERENCE_LAMBDA = 5e-3  # the reference's commonsense λ, PoLAR's default
+REFERENCE_LAMBDA = 5e-3  # the reference's commonsense λ
+DEFAULT_RETRACTION = "polar"  # polar.optim's default retraction (not imported: `--help` stays fast)
+LAMBDA_MODES = ("landing", "penalty")
 
 
-def _cell_id(task: str, adapter: str, r: int, lr: float, seed: int, steps: int, landing_lambda: float) -> str:
-    # The reference λ keeps the short id the first slices were recorded under; any other λ is part of the id.
-    lam = f"-lam{landing_lambda:g}" if adapter == "polar" and landing_lambda != REFERENCE_LAMBDA else ""
-    return f"{task}-{adapter}-r{r}-lr{lr:g}{lam}-s{seed}-{steps}steps"
+def _cell_id(
+    task: str, adapter: str, r: int, lr: float, seed: int, steps: int, landing_lambda: float,
+    mode: str = "landing", retraction: str | None = None,
+) -> str:
+    # The reference landing (λ = 5e-3) keeps the short id the first slices were recorded under; any other λ or
+    # optimiser mode is part of the id.
+    opt = ""
+    if adapter == "polar":
+        if mode in LAMBDA_MODES:
+            opt = f"-{mode}" if mode != "landing" else ""
+            opt += f"-lam{landing_lambda:g}" if landing_lambda != REFERENCE_LAMBDA else ""
+        else:
+            opt = f"-{mode}-{retraction or DEFAULT_RETRACTION}"
+    return f"{task}-{adapter}-r{r}-lr{lr:g}{opt}-s{seed}-{steps}steps"
+
+
+def _optimizer(row: dict[str, Any]) -> str:
+    """How a PoLAR row's factors were trained, in words for the tables ('–' for LoRA / DoRA)."""
+    if row["adapter"] != "polar":
+        return "–"
+    mode = row.get("optimizer_mode", "landing")
+    if mode in LAMBDA_MODES:
+        return f"{mode} λ={row['landing_lambda']:g}"
+    return f"{mode} ({row.get('retraction') or DEFAULT_RETRACTION})"
 
 
 def _read_rows(results: Path) -> list[dict[str, Any]]:
@@ -65,9 +87,16 @@ def run_cell(args: argparse.Namespace, task: str, adapter: str, r: int, lr: floa
     import polar
     from polar.demo import minilm_path
 
-    cell = _cell_id(task, adapter, r, lr, seed, args.steps, args.landing_lambda)
+    cell = _cell_id(task, adapter, r, lr, seed, args.steps, args.landing_lambda, args.optimizer_mode, args.retraction)
     run_dir = Path(args.runs) / cell
-    extra = {"landing_lambda": args.landing_lambda} if adapter == "polar" else {}
+    extra: dict[str, Any] = {}
+    if adapter == "polar":
+        # Always explicit, so that a cell means the same whatever the library's default mode is.
+        extra["optimizer_mode"] = args.optimizer_mode
+        if args.optimizer_mode in LAMBDA_MODES:
+            extra["landing_lambda"] = args.landing_lambda
+        elif args.retraction:
+            extra["retraction"] = args.retraction
     summary = polar.train(
         model=str(minilm_path()),
         task=f"glue:{task}",
@@ -105,7 +134,12 @@ def run_cell(args: argparse.Namespace, task: str, adapter: str, r: int, lr: floa
         "steps": args.steps,
         "batch_size": args.batch_size,
         "cutoff": args.cutoff,
-        "landing_lambda": args.landing_lambda if adapter == "polar" else None,
+        "landing_lambda": args.landing_lambda if adapter == "polar" and args.optimizer_mode in LAMBDA_MODES else None,
+        "optimizer_mode": args.optimizer_mode if adapter == "polar" else None,
+        "retraction": (args.retraction or DEFAULT_RETRACTION)
+        if adapter == "polar" and args.optimizer_mode not in LAMBDA_MODES else None,
+        "peak_orth_error": summary["run"].get("peak_orth_error"),
+        "final_orth_error": summary["run"].get("final_orth_error"),
         "metric": MAIN_METRIC[task],
         "value": float(metrics[MAIN_METRIC[task]]),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -136,7 +170,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     for seed in (int(v) for v in args.seeds.split(",")):
                         cells.append((task, adapter, r, lr, seed))
     done = {row["cell"] for row in _read_rows(Path(args.results))}
-    todo = [c for c in cells if _cell_id(*c, args.steps, args.landing_lambda) not in done]
+    todo = [c for c in cells
+            if _cell_id(*c, args.steps, args.landing_lambda, args.optimizer_mode, args.retraction) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.results}, {len(todo)} to run")
     for i, (task, adapter, r, lr, seed) in enumerate(todo, 1):
         started = time.perf_counter()
@@ -164,22 +199,25 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 1
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        lam = row["landing_lambda"] if row["adapter"] == "polar" else 0.0
-        key = (row["task"], row["r"], row["adapter"], row["learning_rate"], lam, row["steps"])
+        key = (row["task"], row["r"], row["adapter"], _optimizer(row), row["learning_rate"], row["steps"])
         groups.setdefault(key, []).append(row)
     print(
-        "| task (metric) | r | adapter | lr | λ | steps | seeds | metric (mean ± sd) | median stable rank | "
-        "max orth. error | s / step |"
+        "| task (metric) | r | adapter | optimiser | lr | steps | seeds | metric (mean ± sd) | median stable rank | "
+        "peak orth. error | orth. error at the end | s / step |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for (task, r, adapter, lr, lam, steps), cell in sorted(groups.items()):
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (task, r, adapter, optimizer, lr, steps), cell in sorted(groups.items()):
         orth = [c["orth_error_max"] for c in cell if c["orth_error_max"] is not None]
         orth_text = f"{max(orth):.3g}" if orth else "–"
+        peaks = [_peak(c, Path(args.runs)) for c in cell] if adapter == "polar" else []
+        peak_text = "–"
+        if peaks and all(p is not None for p in peaks):
+            # '*': measured every --track-every steps only (cells recorded before the per-step peak existed)
+            peak_text = f"{max(p for p, _ in peaks):.3g}" + ("*" if any(sampled for _, sampled in peaks) else "")
         print(
-            f"| {task} ({cell[0]['metric']}) | {r} | {adapter} | {lr:g} | {f'{lam:g}' if adapter == 'polar' else '–'} | "
-            f"{steps} | {len(cell)} | "
+            f"| {task} ({cell[0]['metric']}) | {r} | {adapter} | {optimizer} | {lr:g} | {steps} | {len(cell)} | "
             f"{_spread([c['value'] for c in cell])} | {_spread([c['median_stable_rank'] for c in cell])} | "
-            f"{orth_text} | {statistics.median(c['seconds_per_step'] for c in cell):.3f} |"
+            f"{peak_text} | {orth_text} | {statistics.median(c['seconds_per_step'] for c in cell):.3f} |"
         )
     if args.curves:
         _curves(rows, Path(args.runs))
@@ -188,9 +226,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peak(row: dict[str, Any], runs: Path) -> tuple[float, bool] | None:
+    """Peak max ‖XᵀX − I‖_F during training: per step (run.json) when recorded, else from the cell's
+    stable_rank.csv samples (flagged as sampled); None when neither exists."""
+    if row.get("peak_orth_error") is not None:
+        return float(row["peak_orth_error"]), False
+    path = runs / row["cell"] / "stable_rank.csv"
+    if not path.is_file():
+        return None
+    import pandas as pd
+
+    log = pd.read_csv(path)
+    return float(log[["orth_error_x", "orth_error_y"]].max().max()), True
+
+
 def _on_grid(row: dict[str, Any]) -> bool:
     """A cell of the main grid: the adapter's chosen learning rate (and, for PoLAR, the reference λ)."""
-    lam_ok = row["adapter"] != "polar" or row["landing_lambda"] == REFERENCE_LAMBDA
+    lam_ok = row["adapter"] != "polar" or (
+        row.get("optimizer_mode", "landing") == "landing" and row["landing_lambda"] == REFERENCE_LAMBDA)
     return row["learning_rate"] == DEFAULT_LR[row["adapter"]] and lam_ok
 
 
@@ -288,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--cutoff", type=int, default=64, help="tokens per example")
     run.add_argument("--max-train", type=int, default=8000, help="SST-2 training examples used (fixed subset)")
-    run.add_argument("--landing-lambda", type=float, default=REFERENCE_LAMBDA, help="PoLAR's λ")
+    run.add_argument("--landing-lambda", type=float, default=REFERENCE_LAMBDA, help="PoLAR's λ (landing / penalty)")
+    run.add_argument("--optimizer-mode", default="landing",
+                     help="PoLAR's LandingAdamW mode (landing, riemannian, retraction, penalty, euclidean)")
+    run.add_argument("--retraction", default=None, help="retraction of the riemannian / retraction modes")
     run.add_argument("--track-every", type=int, default=0, help="log stable rank every N steps (0: off)")
     run.add_argument("--data", default=str(DEFAULT_DATA))
     run.add_argument("--runs", default=str(DEFAULT_RUNS))

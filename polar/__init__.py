@@ -20,7 +20,7 @@ _LAZY_EXPORTS = {
     "convert_reference": "polar.conversion",
     "landing_field": "polar.optim.landing",
     "orthogonality_error": "polar.optim.landing",
-    "make_optimizer": "polar.optim.optimizer",
+    "make_optimizer": "polar.optim.factory",
     "LandingAdamW": "polar.optim.optimizer",
     "reorthonormalize": "polar.optim.stabilize",
     "analyze": "polar.analysis",

@@ -33,7 +33,8 @@ DEFAULT_LR = {"polar": 4e-3, "lora": 4e-4, "dora": 4e-4}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 RUN_MARKERS = ("run.json", "adapter_config.json", "metrics.csv")
-CSV_FIRST_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "orth_error", "orth_error_mean"]
+CSV_FIRST_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "orth_error", "orth_error_mean",
+                     "orth_error_peak"]
 
 
 @dataclass
@@ -55,6 +56,10 @@ class TrainSettings:
     target_modules: list[str] | str | None = None
     theta: str = "full"
     landing_lambda: float | None = None
+    optimizer_mode: str | None = None
+    retraction: str | None = None
+    safe_step: bool | None = None
+    stabilize_every: int | None = None
     modules_to_save: list[str] | None = None
     # optimisation
     learning_rate: float | None = None
@@ -133,10 +138,30 @@ def resolve_settings(**kwargs: Any) -> TrainSettings:
         raise ValueError(f"no task given: pass --task (one of {', '.join(valid_task_names())}) or --data-file.")
     if not settings.output_dir:
         raise ValueError("no output folder given: pass --output-dir.")
+    _check_optimizer_settings(settings)
     for name in ("r", "batch_size", "cutoff"):
         if int(getattr(settings, name)) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(settings, name)!r}.")
     return settings
+
+
+def _check_optimizer_settings(settings: TrainSettings) -> None:
+    from polar.optim.optimizer import DEFAULT_MODE, LAMBDA_MODES
+
+    flags = {"optimizer_mode": settings.optimizer_mode, "retraction": settings.retraction,
+             "safe_step": settings.safe_step, "stabilize_every": settings.stabilize_every}
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+    if settings.adapter != "polar":
+        if given or settings.optimizer_options:
+            raise ValueError(f"{', '.join(given) or 'optimizer_options'} set the PoLAR optimiser; "
+                             f"{settings.adapter} trains with the Trainer's AdamW. Drop them or use --adapter polar.")
+        return
+    options = optimizer_options(settings)
+    mode = options.get("mode") or DEFAULT_MODE
+    if options.get("landing_lambda") is not None and mode not in LAMBDA_MODES:
+        raise ValueError(f"--landing-lambda has no effect with --optimizer-mode {mode} (only "
+                         f"{' and '.join(LAMBDA_MODES)} use λ); drop it, or add --optimizer-mode landing for the "
+                         "paper's landing field.")
 
 
 # ---------------------------------------------------------------------------------------------- run folder
@@ -286,6 +311,8 @@ def build_peft_config(settings: TrainSettings, model: Any, classification: bool)
         )
         if settings.landing_lambda is not None:
             kwargs["landing_lambda"] = float(settings.landing_lambda)
+        if settings.optimizer_mode is not None:  # recorded with the adapter, as make_optimizer reads it
+            kwargs["optimizer_mode"] = settings.optimizer_mode
         return polar.PolarConfig(**kwargs)
     return LoraConfig(
         r=int(settings.r), lora_alpha=float(settings.alpha), lora_dropout=float(settings.dropout),
@@ -345,6 +372,7 @@ def _callbacks(settings: TrainSettings, output_dir: Path) -> list[Any]:
             if "polar_orth_max" in row:
                 row["orth_error"] = row.pop("polar_orth_max")
                 row["orth_error_mean"] = row.pop("polar_orth_mean", None)
+                row["orth_error_peak"] = row.pop("polar_orth_peak", None)
             keys = [k for k in row if not isinstance(row[k], (dict, list, str)) or k == "step"]
             new = [k for k in keys if k not in self.columns]
             if new or not self.path.is_file():
@@ -566,6 +594,8 @@ def _run(settings: TrainSettings, argv: list[str] | None = None) -> dict[str, An
 
     # ---- trainer: PoLAR trains with the landing optimiser, LoRA/DoRA with the Trainer's AdamW.
     trainer_cls, trainer_kwargs, optimizer_name = _trainer_setup(settings)
+    if is_main:
+        print(f"polar train: optimiser: {optimizer_name}", flush=True)
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -618,10 +648,44 @@ def _run(settings: TrainSettings, argv: list[str] | None = None) -> dict[str, An
         orth = orthogonality_error(trainer.model) if settings.adapter == "polar" else None
         if orth is not None:
             run_info["final_orth_error"] = orth
+            from polar.optim.trainer import unwrap_landing_optimizer
+
+            landing = unwrap_landing_optimizer(trainer.optimizer)
+            if landing is not None:  # the largest max ‖XᵀX − I‖_F over every step of this process
+                run_info["peak_orth_error"] = landing.orthogonality_report()["peak"]
         atomic_write_json(output_dir / "run.json", run_info)
     _barrier()
     return {"output_dir": str(output_dir), "metrics": result.metrics, "global_step": trainer.state.global_step,
             "run": run_info}
+
+
+def optimizer_options(settings: TrainSettings) -> dict[str, Any]:
+    """The :func:`polar.make_optimizer` options of a PoLAR run: the flags, over ``optimizer_options`` (recipe)."""
+    options = dict(settings.optimizer_options or {})
+    flags = {"mode": settings.optimizer_mode, "retraction": settings.retraction, "safe_step": settings.safe_step,
+             "stabilize_every": settings.stabilize_every, "landing_lambda": settings.landing_lambda}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    if options.get("landing_lambda") is not None:
+        options["landing_lambda"] = float(options["landing_lambda"])
+    return options
+
+
+def describe_optimizer(options: dict[str, Any]) -> str:
+    """One line naming what the landing optimiser will do with these options (printed and kept in run.json)."""
+    from polar.optim.optimizer import DEFAULT_MODE, DEFAULT_RETRACTION
+
+    mode = options.get("mode") or DEFAULT_MODE
+    parts = [f"LandingAdamW mode={mode}"]
+    if mode in ("landing", "penalty"):
+        lam = options.get("landing_lambda")
+        parts.append(f"landing_lambda={lam:g}" if lam is not None else "landing_lambda=<adapter config>")
+    if mode in ("riemannian", "retraction"):
+        parts.append(f"retraction={options.get('retraction') or DEFAULT_RETRACTION}")
+    if options.get("safe_step"):
+        parts.append("safe_step")
+    if options.get("stabilize_every"):
+        parts.append(f"stabilize_every={options['stabilize_every']}")
+    return " ".join(parts)
 
 
 def _trainer_setup(settings: TrainSettings) -> tuple[Any, dict[str, Any], str]:
@@ -634,10 +698,8 @@ def _trainer_setup(settings: TrainSettings) -> tuple[Any, dict[str, Any], str]:
         except ImportError:  # pragma: no cover - optimiser not installed
             print("polar train: warning: polar.optim unavailable, training PoLAR with plain AdamW.", file=sys.stderr)
             return Trainer, {}, "adamw (landing optimiser unavailable)"
-        options = dict(settings.optimizer_options or {})
-        if settings.landing_lambda is not None:
-            options.setdefault("landing_lambda", float(settings.landing_lambda))
-        return PolarTrainer, {"polar_optimizer_kwargs": options}, "landing-adamw"
+        options = optimizer_options(settings)
+        return PolarTrainer, {"polar_optimizer_kwargs": options}, describe_optimizer(options)
     return Trainer, {}, "adamw"
 
 

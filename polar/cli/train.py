@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from polar.optim.optimizer import DEFAULT_MODE, DEFAULT_RETRACTION, VALID_MODES, VALID_RETRACTIONS
+
 EPILOG = """\
 tasks:
   boolq piqa social_iqa hellaswag winogrande arc_easy arc_challenge openbookqa
@@ -61,7 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--target-modules", help="comma-separated module names, a regex, or all-linear "
                    "(default: PEFT's defaults for the architecture)")
     g.add_argument("--theta", choices=("full", "diagonal"), help="PoLAR Θ: full r×r (default) or diagonal")
-    g.add_argument("--landing-lambda", type=float, help="λ of the landing field (default 5e-3)")
+    g.add_argument("--landing-lambda", type=float,
+                   help="λ of the landing field's normal term; only --optimizer-mode landing / penalty use it "
+                   "(default: the adapter config's, 5e-3 as in the paper)")
     g.add_argument("--modules-to-save", help="comma-separated modules trained in full (default for GLUE: the "
                    "classifier head)")
 
@@ -84,6 +88,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--prompt-template", help="alpaca (default), plain, none, or a format string with "
                    "{instruction} and {input}")
     g.add_argument("--seed", type=int, help="random seed (default 42)")
+
+    g = p.add_argument_group("PoLAR optimiser (LandingAdamW; see docs/optimizer.md)")
+    g.add_argument("--optimizer-mode", choices=VALID_MODES,
+                   help=f"how X and Y stay orthonormal (default {DEFAULT_MODE}): riemannian = Riemannian gradient "
+                   "into AdamW, step projected onto the tangent space, then a retraction; landing = the paper's "
+                   "landing field into AdamW (with --landing-lambda 5e-3: the reference); retraction = landing "
+                   "field without its normal term, then a retraction; penalty / euclidean = ablations")
+    g.add_argument("--retraction", choices=VALID_RETRACTIONS,
+                   help=f"retraction of the riemannian / retraction modes (default {DEFAULT_RETRACTION})")
+    g.add_argument("--safe-step", action="store_const", const=True,
+                   help="landing mode: shorten any AdamW step that would end farther than 0.5 from the manifold")
+    g.add_argument("--stabilize-every", type=int,
+                   help="every N steps re-orthonormalise X, Y exactly (ΔW and AdamW's moments carried over)")
 
     g = p.add_argument_group("precision and memory")
     g.add_argument("--bf16", action="store_const", const=True, help="bf16 mixed precision")

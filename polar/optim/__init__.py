@@ -2,7 +2,8 @@
 re-orthonormalisation (:mod:`.stabilize`) and Trainer integration (:mod:`.trainer`)."""
 
 from .landing import landing_field, orthogonality_error
-from .optimizer import LandingAdamW, make_optimizer
+from .factory import make_optimizer
+from .optimizer import LandingAdamW
 from .stabilize import reorthonormalize
 
 __all__ = ["LandingAdamW", "landing_field", "make_optimizer", "orthogonality_error", "reorthonormalize"]

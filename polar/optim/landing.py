@@ -66,7 +66,12 @@ __all__ = [
     "penalty_field_from_grams",
     "retract_qr",
     "retract_polar",
+    "retract_newton_schulz",
+    "riemannian_gradient",
+    "riemannian_gradient_from_grams",
+    "project_tangent",
     "safe_step_size",
+    "safe_fraction",
 ]
 
 
@@ -146,6 +151,55 @@ def penalty_field_from_grams(
     if Gc.ndim == 3:
         return torch.baddbmm(Gc, Xc, coef, out=out) if out is not None else torch.baddbmm(Gc, Xc, coef)
     return torch.addmm(Gc, Xc, coef, out=out) if out is not None else torch.addmm(Gc, Xc, coef)
+
+
+def _sym(m: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (m + m.mT)
+
+
+@_fp32_kernel
+def riemannian_gradient_from_grams(
+    X: torch.Tensor, G: torch.Tensor, gtx: torch.Tensor, *, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``G − X sym(XᵀG)`` (the Euclidean-metric Riemannian gradient at an orthonormal ``X``) from a given ``GᵀX``.
+
+    Returned in the compute dtype; rows never interact once ``gtx`` is reduced (row-shardable like the field).
+    """
+    cdt = gtx.dtype
+    Gc, Xc = G.to(cdt), X.to(cdt)
+    coef = _sym(gtx)
+    if Gc.ndim == 3:
+        return torch.baddbmm(Gc, Xc, coef, alpha=-1.0, out=out) if out is not None else torch.baddbmm(Gc, Xc, coef, alpha=-1.0)
+    return torch.addmm(Gc, Xc, coef, alpha=-1.0, out=out) if out is not None else torch.addmm(Gc, Xc, coef, alpha=-1.0)
+
+
+@_fp32_kernel
+def riemannian_gradient(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Projection of ``G`` onto the tangent space of the Stiefel manifold at ``X``: ``G − X sym(XᵀG)``.
+
+    Assumes ``XᵀX = I`` (the ``"riemannian"`` mode keeps it so to rounding). Same shape conventions as
+    :func:`landing_field`; returned in the input dtype.
+    """
+    _check_pair(X, G)
+    wide = _is_wide(X)
+    if wide:
+        X, G = X.mT, G.mT
+    _, gtx = gram_matrices(X, G)
+    out = riemannian_gradient_from_grams(X, G, gtx).to(X.dtype)
+    return out.mT if wide else out
+
+
+@_fp32_kernel
+def project_tangent(X: torch.Tensor, D: torch.Tensor, *, xtd: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The tangent part ``D − X sym(XᵀD)`` of a displacement ``D`` of tall orthonormal ``X`` (compute dtype).
+
+    ``xtd``: optional precomputed (row-sharded: all-reduced) ``XᵀD``.
+    """
+    cdt = compute_dtype(X.dtype)
+    Xc, Dc = X.to(cdt), D.to(cdt)
+    if xtd is None:
+        xtd = Xc.mT @ Dc
+    return Dc - Xc @ _sym(xtd.to(cdt))
 
 
 @_fp32_kernel
@@ -275,3 +329,64 @@ def safe_step_size(
     eta = (a + disc.sqrt()) / g2.clamp_min(torch.finfo(dist.dtype).tiny)
     cap = torch.where(lam_t > 0, 0.5 / lam_t.clamp_min(torch.finfo(dist.dtype).tiny), torch.full_like(lam_t, float("inf")))
     return torch.minimum(eta, cap)
+
+
+@_fp32_kernel
+def retract_newton_schulz(X: torch.Tensor, *, xtx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One Newton–Schulz step towards the polar factor: ``X (3I − XᵀX) / 2 = X − ½ X (XᵀX − I)``.
+
+    This is the landing normal step ``X − η λ X (XᵀX − I)`` at its Newton step size ``ηλ = ½``, so it needs no λ:
+    an error ``d = ‖XᵀX − I‖`` becomes ``O(d²)`` (≈ ¾ d² for small d). Only ``XᵀX`` couples rows (pass it
+    reduced with ``xtx=``). Returned contiguous in the compute dtype.
+    """
+    cdt = compute_dtype(X.dtype)
+    Xc = X.to(cdt)
+    if xtx is None:
+        xtx, _ = gram_matrices(Xc)
+    coef = 0.5 * (xtx.to(cdt) - _eye_like(xtx))
+    if Xc.ndim == 3:
+        return torch.baddbmm(Xc, Xc, coef, alpha=-1.0).contiguous()
+    return torch.addmm(Xc, Xc, coef, alpha=-1.0).contiguous()
+
+
+def safe_fraction(
+    xtx: torch.Tensor, xtd: torch.Tensor, dtd: torch.Tensor, eps: float = 0.5, iters: int = 40
+) -> torch.Tensor:
+    """Largest ``t ∈ [0, 1]`` (per batch element) found by bisection with ``‖(X + tD)ᵀ(X + tD) − I‖_F ≤ eps``.
+
+    Works from the ``p × p`` products only (``xtx = XᵀX``, ``xtd = XᵀD``, ``dtd = DᵀD``; all-reduced when
+    row-sharded): ``(X + tD)ᵀ(X + tD) − I = A + t S + t² C`` with ``A = XᵀX − I``, ``S = XᵀD + DᵀX``, ``C = DᵀD``,
+    so the squared distance is a quartic in ``t`` whose five coefficients are computed once.
+
+    * The full step is kept (``t = 1``) whenever it ends within ``eps``.
+    * A start inside ``eps`` gives a ``t`` whose end point is within ``eps`` (bisection keeps ``f(lo) ≤ eps²``).
+    * A start outside ``eps`` gives the ``t`` on a 65-point grid that is closest to the manifold (never further
+      than the start, since ``t = 0`` is on the grid).
+    """
+    A = (xtx - _eye_like(xtx)).double()
+    S = (xtd + xtd.mT).double()
+    C = dtd.double()
+
+    def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * b).sum(dim=(-2, -1))
+
+    c0, c1 = inner(A, A), 2 * inner(A, S)
+    c2, c3, c4 = inner(S, S) + 2 * inner(A, C), 2 * inner(S, C), inner(C, C)
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return (((c4 * t + c3) * t + c2) * t + c1) * t + c0
+
+    e2 = (float(eps) * (1 - 1e-3)) ** 2  # a hair inside: the write back to fp32 factors rounds
+    one = torch.ones_like(c0)
+    inside = c0 <= e2
+    lo, hi = torch.zeros_like(c0), one.clone()
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        ok = f(mid) <= e2
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    t = torch.where(f(one) <= e2, one, lo)
+    grid = torch.linspace(0.0, 1.0, 65, dtype=c0.dtype, device=c0.device)
+    vals = f(grid.view(-1, *([1] * c0.ndim)))
+    best = grid[vals.argmin(dim=0)]
+    return torch.where(inside, t, best).to(xtx.dtype)

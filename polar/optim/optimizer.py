@@ -1,7 +1,8 @@
 """LandingAdamW: AdamW whose PoLAR factors are fed the landing field instead of their raw gradient.
 
-The whole optimiser is this file. Kernels live in :mod:`polar.optim.landing`; re-orthonormalisation in
-:mod:`polar.optim.stabilize`.
+The whole optimiser step is this file. Kernels live in :mod:`polar.optim.landing`; re-orthonormalisation in
+:mod:`polar.optim.stabilize`; building the param groups of a PoLAR model in :mod:`polar.optim.factory` (the only
+part that knows the tuner).
 
 How a step works (all inside ``step()``, so it runs once per optimiser step: after gradient accumulation, after
 AMP unscaling and gradient clipping, under any training loop, DeepSpeed included):
@@ -30,7 +31,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from . import sharding as _dist
 from .landing import (
@@ -39,26 +39,36 @@ from .landing import (
     no_autocast,
     penalty_field_from_grams,
     orthogonality_error_from_gram,
+    project_tangent,
+    retract_newton_schulz,
     retract_polar,
     retract_qr,
-    safe_step_size,
+    riemannian_gradient_from_grams,
+    safe_fraction,
 )
-from .stabilize import reorthonormalize_triples
+from .stabilize import reorthonormalize_triples, transport_factor_moment, transport_theta_moment
 
-__all__ = ["LandingAdamW", "make_optimizer", "VALID_MODES", "VALID_RETRACTIONS"]
+__all__ = ["DEFAULT_LAMBDA", "DEFAULT_MODE", "DEFAULT_RETRACTION", "LAMBDA_MODES", "LandingAdamW", "VALID_MODES", "VALID_RETRACTIONS"]
 
-VALID_MODES = ("landing", "penalty", "retraction", "euclidean")
-VALID_RETRACTIONS = ("qr", "polar")
+VALID_MODES = ("landing", "riemannian", "retraction", "penalty", "euclidean")
+VALID_RETRACTIONS = ("polar", "qr", "newton_schulz")
 VALID_ROLES = (None, "stiefel", "theta")
+# What make_optimizer / polar train use when nothing is given (BENCHMARKS.md, "Keeping the factors on the
+# manifold", has the runs behind this choice). The reference's setting is mode="landing" with λ = 5e-3.
+DEFAULT_MODE = "landing"
+DEFAULT_RETRACTION = "polar"
+DEFAULT_LAMBDA = 5e-3  # the reference's λ, for the modes that use one
+# Modes whose direction contains λ; in the others a λ would be accepted and ignored, so it is refused.
+LAMBDA_MODES = ("landing", "penalty")
 
 # Group options added to every param group (defaults; a group may override any of them).
 _POLAR_DEFAULTS: dict[str, Any] = {
     "polar_role": None,  # "stiefel" (X / Y factors), "theta" (Θ, plain AdamW), None (anything else)
     "polar_factor": None,  # "X" / "Y": informational
     "polar_block": None,  # ties the X, Y and Θ groups of one adapter (positional pairing) for stabilize_every
-    "landing_lambda": 5e-3,
-    "mode": "landing",
-    "retraction": "qr",
+    "landing_lambda": DEFAULT_LAMBDA,
+    "mode": DEFAULT_MODE,
+    "retraction": DEFAULT_RETRACTION,
     "safe_step": False,
     "safe_step_eps": 0.5,
     "stabilize_every": 0,
@@ -81,11 +91,22 @@ class LandingAdamW(torch.optim.AdamW):
             below; :func:`make_optimizer` builds the groups for a PoLAR model.
         lr, betas, eps, weight_decay: AdamW hyper-parameters (defaults for groups that do not set them).
         landing_lambda: λ of the normal term (reference convention, default 5e-3).
-        mode: ``"landing"`` (field to AdamW), ``"penalty"`` (G + λ X(XᵀX − I) to AdamW), ``"retraction"``
-            (Riemannian gradient G XᵀX − X GᵀX to AdamW, then a retraction), ``"euclidean"`` (plain AdamW).
-        retraction: ``"qr"`` or ``"polar"`` (used by ``mode="retraction"``).
-        safe_step: limit each factor's AdamW displacement to the landing papers' safe step η*·‖Λ‖_F
-            (``mode="landing"`` only; see :func:`polar.optim.landing.safe_step_size`).
+        mode: how X and Y are kept orthonormal.
+            ``"landing"``: the landing field (with its normal term λ X(XᵀX − I)) into AdamW, no retraction (the
+            reference; drift depends on λ against the gradient scale, because Adam rescales every coordinate).
+            ``"riemannian"``: the Riemannian gradient G − X sym(XᵀG) into AdamW, AdamW's displacement projected
+            onto the tangent space at X, then the retraction (Stiefel Adam; on the manifold to rounding, no λ).
+            ``"retraction"``: the landing field without its normal term into AdamW, then the retraction of
+            AdamW's whole displacement (with ``retraction="newton_schulz"`` this is landing whose normal step
+            runs outside Adam at its Newton step size: no λ).
+            ``"penalty"`` (G + λ X(XᵀX − I) into AdamW) and ``"euclidean"`` (plain AdamW) are ablations.
+        retraction: ``"polar"`` (X (XᵀX)^(-1/2) from the r × r Gram, the closest orthonormal matrix), ``"qr"``,
+            or ``"newton_schulz"`` (one step X (3I − XᵀX)/2: O(d²) error left); used by ``"riemannian"`` and
+            ``"retraction"``.
+        safe_step: after each AdamW step, keep the largest fraction t ∈ [0, 1] of each factor's displacement
+            that ends within ``safe_step_eps`` (0.5) of the manifold (``‖XᵀX − I‖_F``; exact, from r × r
+            products, see :func:`polar.optim.landing.safe_fraction`). Steps that stay inside are untouched, so
+            it only bites when a step would leave the safe region (``mode="landing"`` only).
         stabilize_every: every k optimiser steps, re-orthonormalise X and Y and fold the QR factors into Θ
             (ΔW unchanged); 0 disables. Needs the X, Y and Θ groups tied by ``polar_block``.
         chunk_bytes: work on stacks of at most this many bytes per tensor (default: 4 MiB on CPU, so the stacks
@@ -101,9 +122,9 @@ class LandingAdamW(torch.optim.AdamW):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        landing_lambda: float = 5e-3,
-        mode: str = "landing",
-        retraction: str = "qr",
+        landing_lambda: float = DEFAULT_LAMBDA,
+        mode: str = DEFAULT_MODE,
+        retraction: str = DEFAULT_RETRACTION,
         safe_step: bool = False,
         stabilize_every: int = 0,
         chunk_bytes: Optional[int] = None,
@@ -119,6 +140,7 @@ class LandingAdamW(torch.optim.AdamW):
             stabilize_every=stabilize_every,
         )
         self._last_orth: list[torch.Tensor] = []
+        self._orth_peak: Optional[torch.Tensor] = None
         self._ws: dict[tuple, torch.Tensor] = {}
         self._chunk_bytes = chunk_bytes
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **adamw_kwargs)
@@ -133,6 +155,7 @@ class LandingAdamW(torch.optim.AdamW):
         self._step_supports_amp_scaling = False
         self.__dict__.setdefault("_ws", {})
         self.__dict__.setdefault("_last_orth", [])
+        self.__dict__.setdefault("_orth_peak", None)
         self.__dict__.setdefault("_chunk_bytes", None)
         self.__dict__.setdefault("_polar_defaults", {k: self.defaults.get(k, v) for k, v in _POLAR_DEFAULTS.items()})
 
@@ -281,18 +304,20 @@ class LandingAdamW(torch.optim.AdamW):
                 "mode": mode, "retraction": retraction, "params": params, "wide": wide, "sharding": sharding
             }
             post.append(entry)
+            # The post-step of these needs the factors as they were before AdamW moved them.
+            keep_old = safe is not None or mode == "riemannian"
             # Chunks: on CPU a few MiB, so that the stacked X and G are still in cache for the Gram and field
             # products; on GPU the whole bucket at once (fewest launches).
-            step_len = len(items) if (safe is not None or wide) else self._chunk_len(key[3], cdt, device, sharding)
+            step_len = len(items) if wide else self._chunk_len(key[3], cdt, device, sharding)
             in_place = not wide and cdt == dtype
             field_all = None
             if in_place and mode != "euclidean":  # the whole bucket's field: it becomes the gradients AdamW reads
                 field_all = self._workspace((key, "F"), (len(items), *tall), cdt, device)
-            x_olds, fields, dists, fnorms = [], [], [], []
+            x_olds, xtxs, fields, dists = [], [], [], []
             for lo in range(0, len(items), step_len):
                 chunk, gchunk = params_l[lo : lo + step_len], grads_l[lo : lo + step_len]
                 n = len(chunk)
-                if in_place and safe is None:
+                if in_place and not keep_old:
                     X = torch.stack(chunk, out=self._workspace((key, "X", n), (n, *tall), cdt, device))
                 else:
                     X = torch.stack([p.mT if wide else p for p in chunk]).to(cdt)
@@ -303,31 +328,31 @@ class LandingAdamW(torch.optim.AdamW):
                     else:
                         G = torch.stack([g.mT if wide else g for g in gchunk]).to(cdt)
                 grams = {"xtx": X.mT @ X}
-                if mode in ("landing", "retraction"):
+                if mode in ("landing", "retraction", "riemannian"):
                     grams["gtx"] = G.mT @ X
                 grams = self._reduce(grams, sharding)
                 xtx = grams["xtx"]
                 dist = orthogonality_error_from_gram(xtx)
                 dists.append(dist)
+                if keep_old:
+                    x_olds.append(X)
+                    xtxs.append(xtx)
                 if mode == "euclidean":
                     continue
                 lam = self._lam(items[lo : lo + step_len], xtx)
                 out = field_all[lo : lo + n] if field_all is not None else None
                 if mode == "penalty":
                     field = penalty_field_from_grams(X, G, xtx, lam, out=out)
+                elif mode == "riemannian":
+                    field = riemannian_gradient_from_grams(X, G, grams["gtx"], out=out)
                 else:
                     field = landing_field_from_grams(X, G, xtx, grams["gtx"], 0.0 if mode == "retraction" else lam, out=out)
                 fields.append(field)
-                if safe is not None:
-                    fsq = self._reduce({"field_sq": field.square().sum(dim=(-2, -1))}, sharding)["field_sq"]
-                    fnorms.append(fsq.sqrt())
-                    x_olds.append(X)
-                    entry["lam"] = lam
             self._last_orth.extend(dists)
+            if keep_old:
+                entry.update(x_old=torch.cat(x_olds), xtx=torch.cat(xtxs), safe_eps=safe)
             if mode == "euclidean":
                 continue
-            if safe is not None:
-                entry.update(x_old=torch.cat(x_olds), dist=torch.cat(dists), field_norm=torch.cat(fnorms), safe_eps=safe)
             field = field_all if field_all is not None else (fields[0] if len(fields) == 1 else torch.cat(fields))
             if wide:
                 field = field.mT
@@ -335,37 +360,47 @@ class LandingAdamW(torch.optim.AdamW):
             for p, f in zip(params, field.unbind(0)):
                 swapped.append((p, p.grad))
                 p.grad = _dist.like_param(f if not wide else f.contiguous(), p)  # DTensor again under FSDP2
+        if self._last_orth:
+            peak = torch.stack([d.max() for d in self._last_orth]).max().float()
+            self._orth_peak = peak if self._orth_peak is None else torch.maximum(self._orth_peak, peak.to(self._orth_peak.device))
         return swapped, post
+
+    def _retract(self, X: torch.Tensor, kind: str, sharding: Optional[_dist.RowSharding]) -> torch.Tensor:
+        """Map tall ``X`` (stacked, compute dtype) back onto the manifold with the retraction ``kind``."""
+        if kind == "qr" and sharding is None:
+            return retract_qr(X)[0]
+        xtx = self._reduce({"xtx": X.mT @ X}, sharding)["xtx"]
+        if kind == "polar":
+            return retract_polar(X, xtx=xtx)
+        if kind == "newton_schulz":
+            return retract_newton_schulz(X, xtx=xtx)
+        # row-sharded QR = Cholesky QR from the reduced XᵀX (QR with diag(R) > 0, up to rounding)
+        return _dist.cholesky_qr(X, xtx)[0]
 
     def _post_step(self, post: list[dict[str, Any]]) -> None:
         for entry in post:
             params, wide, sharding = entry["params"], entry["wide"], entry["sharding"]
+            if entry["mode"] == "euclidean":
+                continue
             local = [_dist.local_tensor(p) for p in params]
             if entry["mode"] == "retraction":
                 X = torch.stack([p.mT if wide else p for p in local])
-                if entry["retraction"] == "qr" and sharding is None:
-                    Q, _ = retract_qr(X)
-                else:
-                    cdt = compute_dtype(X.dtype)
-                    Xc = X.to(cdt)
-                    xtx = self._reduce({"xtx": Xc.mT @ Xc}, sharding)["xtx"]
-                    # row-sharded QR = Cholesky QR from the reduced XᵀX (QR with diag(R) > 0, up to rounding)
-                    Q = retract_polar(Xc, xtx=xtx) if entry["retraction"] == "polar" else _dist.cholesky_qr(Xc, xtx)[0]
-                self._write(params, Q, wide)
-            elif "x_old" in entry:
-                x_old = entry["x_old"]
-                new = torch.stack([p.mT if wide else p for p in local]).to(x_old.dtype)
-                delta = new - x_old
-                dsq = self._reduce({"delta_sq": delta.square().sum(dim=(-2, -1))}, sharding)["delta_sq"]
-                lr = torch.tensor([g["lr"] for g in self._groups_of(params)], dtype=x_old.dtype, device=x_old.device)
-                # Plain landing moves X by η‖Λ‖; with η = min(lr, η*) that is min(lr, η*)·‖Λ‖. AdamW moves it by
-                # ‖ΔX‖ instead; cap that displacement at the same distance so the safe region is kept.
-                lam = entry["lam"]
-                lam = lam.view(-1) if isinstance(lam, torch.Tensor) else lam
-                eta = torch.minimum(lr, safe_step_size(lam, entry["dist"], entry["field_norm"], entry["safe_eps"]))
-                limit = eta * entry["field_norm"]
-                scale = torch.clamp(limit / dsq.sqrt().clamp_min(torch.finfo(dsq.dtype).tiny), max=1.0)
-                self._write(params, x_old + scale.view(-1, 1, 1) * delta, wide)
+                self._write(params, self._retract(X.to(compute_dtype(X.dtype)), entry["retraction"], sharding), wide)
+                continue
+            if "x_old" not in entry:
+                continue
+            x_old = entry["x_old"]
+            delta = torch.stack([p.mT if wide else p for p in local]).to(x_old.dtype) - x_old
+            if entry["mode"] == "riemannian":
+                # Stiefel Adam: keep the tangent part of AdamW's displacement, then retract. For a tangent step
+                # MᵀM = I + DᵀD ⪰ I, so the retraction is well conditioned at any step size.
+                xtd = self._reduce({"xtd": x_old.mT @ delta}, sharding)["xtd"]
+                moved = x_old + project_tangent(x_old, delta, xtd=xtd)
+                self._write(params, self._retract(moved, entry["retraction"], sharding), wide)
+            else:  # safe step: the largest fraction of AdamW's displacement that ends within ε of the manifold
+                grams = self._reduce({"xtd": x_old.mT @ delta, "dtd": delta.mT @ delta}, sharding)
+                t = safe_fraction(entry["xtx"], grams["xtd"], grams["dtd"], entry["safe_eps"])
+                self._write(params, x_old + t.view(-1, 1, 1) * delta, wide)
         self._stabilize()
 
     def _groups_of(self, params: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -400,15 +435,57 @@ class LandingAdamW(torch.optim.AdamW):
                 )
             triples += list(zip(groups["X"]["params"], groups["Y"]["params"], groups["theta"]["params"]))
         if triples:
+            before = [(_dist.local_tensor(x).clone(), _dist.local_tensor(y).clone()) for x, y, _ in triples]
             if any(_dist.is_dtensor(t) for triple in triples for t in triple):
                 _dist.reorthonormalize_sharded_triples(triples)  # FSDP2: Cholesky QR from all-reduced Grams
             else:
                 reorthonormalize_triples(triples)
+            self._transport_moments(triples, before)
+
+    def _basis_changes(self, olds: list[torch.Tensor], news: list[torch.Tensor], sharding: Any) -> torch.Tensor:
+        """``M`` with ``new = old · M`` per factor (k × r × r), from reduced r × r products (row-shardable)."""
+        Xo = torch.stack(olds).to(compute_dtype(olds[0].dtype))
+        Xn = torch.stack(news).to(Xo.dtype)
+        grams = self._reduce({"xtx": Xo.mT @ Xo, "xtn": Xo.mT @ Xn}, sharding)
+        return torch.linalg.solve(grams["xtx"].double(), grams["xtn"].double())
+
+    @torch.no_grad()
+    def _transport_moments(
+        self, triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], before: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Carry AdamW's moments of re-orthonormalised ``(X, Y, Θ)`` into the new basis (see :mod:`.stabilize`)."""
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, (x, y, _) in enumerate(triples):
+            buckets[(tuple(x.shape), tuple(y.shape), _dist.row_sharding(x), _dist.row_sharding(y))].append(i)
+        for (_, _, sx, sy), idx in buckets.items():
+            Mx = self._basis_changes([before[i][0] for i in idx], [_dist.local_tensor(triples[i][0]) for i in idx], sx)
+            My = self._basis_changes([before[i][1] for i in idx], [_dist.local_tensor(triples[i][1]) for i in idx], sy)
+            for j, i in enumerate(idx):
+                x, y, theta = triples[i]
+                for p, fn in ((x, lambda t, k: transport_factor_moment(t, Mx[j], k)),
+                              (y, lambda t, k: transport_factor_moment(t, My[j], k)),
+                              (theta, lambda t, k: transport_theta_moment(t, Mx[j], My[j], k))):
+                    state = self.state.get(p, {})
+                    for name, kind in (("exp_avg", "first"), ("exp_avg_sq", "second"), ("max_exp_avg_sq", "second")):
+                        if name not in state:
+                            continue
+                        st = state[name]
+                        if _dist.is_dtensor(st) and p is theta:  # Θ is tiny: transform it whole, keep the local rows
+                            from torch.distributed.tensor import distribute_tensor
+
+                            full = fn(st.full_tensor(), kind).to(st.dtype)
+                            shard = distribute_tensor(full, st.device_mesh, st.placements, src_data_rank=None)
+                            st.to_local().copy_(shard.to_local())
+                        else:  # X, Y: the transform acts on columns, so every row shard transforms on its own
+                            local = _dist.local_tensor(st)
+                            local.copy_(fn(local, kind).to(local.dtype))
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
     def orthogonality_report(self, recompute: bool = False) -> dict[str, float]:
-        """``{"max": ..., "mean": ..., "count": n}`` of ‖XᵀX − I‖_F over the trainable factors.
+        """``{"max": ..., "mean": ..., "count": n, "peak": ...}`` of ‖XᵀX − I‖_F over the trainable factors.
+
+        ``peak`` is the largest max seen by any ``step()`` so far (kept on the device, no per-step sync).
 
         By default these are the values measured for free during the last ``step()`` (on the factors as they
         entered that step, i.e. *before* its update). ``recompute=True`` (or before the first step) measures the
@@ -428,118 +505,10 @@ class LandingAdamW(torch.optim.AdamW):
                 vals.append(orthogonality_error_from_gram(self._reduce({"xtx": X.mT @ X}, sharding)["xtx"]))
         else:
             vals = self._last_orth
+        peak = float(self._orth_peak) if self._orth_peak is not None else None
         if not vals:
-            return {"max": 0.0, "mean": 0.0, "count": 0}
+            return {"max": 0.0, "mean": 0.0, "count": 0, "peak": peak or 0.0}
         flat = torch.cat([v.reshape(-1).float().cpu() for v in vals])
-        return {"max": float(flat.max()), "mean": float(flat.mean()), "count": int(flat.numel())}
-
-
-# ---------------------------------------------------------------------- factory
-def _find_config_lambda(model: nn.Module, adapter_name: str) -> Optional[float]:
-    from polar.tuner import PolarConfig
-
-    for module in model.modules():
-        configs = getattr(module, "peft_config", None)
-        if isinstance(configs, dict) and isinstance(configs.get(adapter_name), PolarConfig):
-            return float(configs[adapter_name].landing_lambda)
-    return None
-
-
-def make_optimizer(
-    model: nn.Module,
-    lr: float = 4e-3,
-    landing_lambda: Optional[float] = None,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    mode: str = "landing",
-    retraction: str = "qr",
-    safe_step: bool = False,
-    stabilize_every: int = 0,
-    optimizer_cls: type[LandingAdamW] = LandingAdamW,
-    **adamw_kwargs: Any,
-) -> LandingAdamW:
-    """A :class:`LandingAdamW` for every trainable parameter of ``model`` (a PeftModel or any nn.Module with PoLAR layers).
-
-    * Trainable PoLAR factors (``polar_X``, ``polar_Y``, found through the PoLAR layers, not by name) get the
-      landing transform and no weight decay; one X, one Y and one Θ group per adapter, tied by ``polar_block``.
-    * Θ and every other trainable parameter (e.g. a classifier head in ``modules_to_save``) get plain AdamW with
-      ``weight_decay``.
-    * Frozen adapters (``requires_grad=False``, e.g. inactive ones or loaded without ``is_trainable=True``) and
-      frozen base weights are left out.
-    * ``landing_lambda=None`` uses each adapter's ``PolarConfig.landing_lambda``.
-    * ``optimizer_cls``: a :class:`LandingAdamW` subclass to build (e.g. one whose ``_reduce_grams`` all-reduces
-      over row shards); ``**adamw_kwargs`` go to ``torch.optim.AdamW`` (``foreach``, ``fused``, ...).
-
-    Raises:
-        ValueError: no trainable PoLAR factor, unknown ``mode``/``retraction``, λ not found, or an adapter whose
-            X, Y, Θ are only partly trainable.
-    """
-    from polar.tuner import iter_polar_layers
-
-    _dist.check_model(model)  # FSDP1 / DeepSpeed ZeRO-3: clear error naming DDP / FSDP2 / single GPU
-    if mode not in VALID_MODES:
-        raise ValueError(f"unknown mode={mode!r}; valid modes: {', '.join(VALID_MODES)}")
-    if retraction not in VALID_RETRACTIONS:
-        raise ValueError(f"unknown retraction={retraction!r}; valid retractions: {', '.join(VALID_RETRACTIONS)}")
-
-    per_adapter: dict[str, dict[str, list[torch.Tensor]]] = {}
-    seen: set[int] = set()
-    n_layers = 0
-    for layer_name, layer in iter_polar_layers(model):
-        n_layers += 1
-        for adapter in layer.polar_X:
-            x, y, th = layer.polar_X[adapter], layer.polar_Y[adapter], layer.polar_theta[adapter]
-            flags = (x.requires_grad, y.requires_grad, th.requires_grad)
-            if not any(flags):
-                continue  # frozen / inactive adapter: never touched
-            if not all(flags):
-                raise ValueError(
-                    f"adapter {adapter!r} of layer '{layer_name}' is only partly trainable (X, Y, Θ requires_grad = "
-                    f"{flags}); make all three trainable or all three frozen."
-                )
-            slots = per_adapter.setdefault(adapter, {"X": [], "Y": [], "theta": []})
-            for slot, p in (("X", x), ("Y", y), ("theta", th)):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    slots[slot].append(p)
-    if not per_adapter:
-        where = "no PoLAR layers at all" if n_layers == 0 else f"{n_layers} PoLAR layers but all their adapters frozen"
-        raise ValueError(
-            f"make_optimizer: the model has no trainable PoLAR factors ({where}). Wrap the model with "
-            "peft.get_peft_model(model, polar.PolarConfig(...)), or load a saved adapter with "
-            "PeftModel.from_pretrained(..., is_trainable=True); for a plain AdamW use torch.optim.AdamW instead."
-        )
-
-    groups: list[dict[str, Any]] = []
-    for block, (adapter, slots) in enumerate(sorted(per_adapter.items())):
-        lam = landing_lambda if landing_lambda is not None else _find_config_lambda(model, adapter)
-        if lam is None:
-            raise ValueError(
-                f"make_optimizer: no PolarConfig found for adapter {adapter!r} to read landing_lambda from; "
-                "pass landing_lambda=... explicitly."
-            )
-        common = dict(polar_block=block, landing_lambda=lam, mode=mode, retraction=retraction,
-                      safe_step=safe_step, stabilize_every=stabilize_every, polar_adapter=adapter)
-        groups.append(dict(params=slots["X"], polar_role="stiefel", polar_factor="X", weight_decay=0.0, **common))
-        groups.append(dict(params=slots["Y"], polar_role="stiefel", polar_factor="Y", weight_decay=0.0, **common))
-        groups.append(dict(params=slots["theta"], polar_role="theta", weight_decay=weight_decay, **common))
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    others = list({id(p): p for p in others}.values())
-    if others:
-        groups.append(dict(params=others, polar_role=None, weight_decay=weight_decay))
-    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, LandingAdamW)):
-        raise TypeError(f"optimizer_cls must be LandingAdamW or a subclass of it, got {optimizer_cls!r}")
-    return optimizer_cls(
-        groups,
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        landing_lambda=landing_lambda if landing_lambda is not None else _POLAR_DEFAULTS["landing_lambda"],
-        mode=mode,
-        retraction=retraction,
-        safe_step=safe_step,
-        stabilize_every=stabilize_every,
-        **adamw_kwargs,
-    )
+        report = {"max": float(flat.max()), "mean": float(flat.mean()), "count": int(flat.numel())}
+        report["peak"] = max(peak, report["max"]) if peak is not None else report["max"]
+        return report

@@ -12,9 +12,17 @@ goes back to the slot of its largest entry, signs chosen so the diagonal of U an
 moved into θ, which may be negative) whenever that gives a valid permutation, so the columns keep their identity.
 Where θ = 0 exactly (e.g. at initialisation) ΔW = 0 for any basis and only the QR is applied.
 
-Either way the optimiser's AdamW moments of X, Y and Θ still refer to the old basis. Near the manifold the change
-of basis is I + O(‖XᵀX − I‖), so the moments are kept as they are (resetting them would cost a warm-up); call
-:func:`reorthonormalize` far from the manifold only together with a fresh optimiser if that matters.
+Either way the new point is ``X' = X M_X``, ``Y' = Y M_Y``, ``Θ' = M_X⁻¹ Θ M_Y⁻ᵀ`` for invertible r × r ``M``
+(``M = R⁻¹``, or ``R⁻¹ U`` for a diagonal Θ). Gradients at that point transform exactly as
+``G_X' = G_X M_X⁻ᵀ`` and ``G_Θ' = M_Xᵀ G_Θ M_Y``, so AdamW's first moments (averages of gradients) are carried
+into the new basis the same way (:func:`transport_factor_moment`, :func:`transport_theta_moment`; used by
+``LandingAdamW(stabilize_every=k)``). The second moments are per-coordinate averages of squares and have no
+exact image under a basis change that mixes columns; they are mapped as if the coordinates were independent,
+``v' = v (N∘N)`` for a map ``m' = m N`` (∘ = elementwise). That keeps them positive, is exact for signed
+permutations and diagonal rescalings, and reduces to the identity on the manifold (M = I). Left untransported,
+a large change of basis (drift ≈ 1.8 between corrections) paired new coordinates with old step sizes and
+collapsed a demo-scale run to chance (BENCHMARKS.md). :func:`reorthonormalize` called outside the optimiser
+cannot see its state: use it between runs, or together with a fresh optimiser.
 """
 
 from __future__ import annotations
@@ -28,7 +36,13 @@ from torch import nn
 
 from .landing import compute_dtype, orthogonality_error, retract_qr
 
-__all__ = ["reorthonormalize", "reorthonormalize_factors", "reorthonormalize_triples"]
+__all__ = [
+    "reorthonormalize",
+    "reorthonormalize_factors",
+    "reorthonormalize_triples",
+    "transport_factor_moment",
+    "transport_theta_moment",
+]
 
 
 def _align_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,6 +94,26 @@ def reorthonormalize_factors(
         newX, newY = Qx @ U, Qy @ V
     out = (newX.contiguous(), newY.contiguous(), new_theta.contiguous())
     return tuple(t.squeeze(0) for t in out) if single else out  # type: ignore[return-value]
+
+
+def transport_factor_moment(m: torch.Tensor, M: torch.Tensor, kind: str) -> torch.Tensor:
+    """AdamW moment of a tall factor (``n × r``) carried through ``X' = X M``: first ``m M⁻ᵀ``, second
+    ``v (M⁻ᵀ ∘ M⁻ᵀ)`` (independent-coordinate approximation, see the module doc). Computed in float64."""
+    N = torch.linalg.inv(M.double()).mT
+    if kind == "second":
+        N = N.square()
+    return m.double() @ N
+
+
+def transport_theta_moment(m: torch.Tensor, Mx: torch.Tensor, My: torch.Tensor, kind: str) -> torch.Tensor:
+    """AdamW moment of Θ carried through ``Θ' = M_X⁻¹ Θ M_Y⁻ᵀ``: first ``M_Xᵀ m M_Y``, second
+    ``(M_X∘M_X)ᵀ v (M_Y∘M_Y)``. A diagonal Θ (a vector) takes the diagonal of the full-matrix image."""
+    A, B = Mx.double(), My.double()
+    if kind == "second":
+        A, B = A.square(), B.square()
+    if m.ndim == 1:
+        return torch.einsum("ci,c,ci->i", A, m.double(), B)
+    return A.mT @ m.double() @ B
 
 
 @torch.no_grad()

@@ -26,9 +26,10 @@ import torch
 import transformers
 from torch import nn
 
-from .optimizer import LandingAdamW, make_optimizer
+from .factory import make_optimizer
+from .optimizer import LandingAdamW
 
-__all__ = ["PolarOptimizerFactory", "PolarTrainerMixin", "PolarTrainer", "unwrap_landing_optimizer"]
+__all__ = ["PolarOptimizerFactory", "PolarTrainerMixin", "PolarTrainer", "drift_advice", "unwrap_landing_optimizer"]
 
 
 class PolarOptimizerFactory:
@@ -94,19 +95,44 @@ class PolarTrainerMixin:
         opt = unwrap_landing_optimizer(getattr(self, "optimizer", None))
         if opt is not None and opt._last_orth:
             report = opt.orthogonality_report()
-            logs = {**logs, "polar_orth_max": report["max"], "polar_orth_mean": report["mean"]}
+            logs = {**logs, "polar_orth_max": report["max"], "polar_orth_mean": report["mean"],
+                    "polar_orth_peak": report["peak"]}
             if report["max"] > self.orth_warning_threshold and not self._warned_orth:
                 self._warned_orth = True
-                lam = sorted({g["landing_lambda"] for g in opt.param_groups if g.get("polar_role") == "stiefel"})
                 warnings.warn(
                     f"PoLAR factors left the Stiefel manifold at step {self.state.global_step}: max ‖XᵀX − I‖_F = "
-                    f"{report['max']:.4g} (> {self.orth_warning_threshold:g}) with landing_lambda {lam}. The adapter "
-                    "is then an unconstrained three-factor product and large drifts have diverged in our runs; "
-                    "raise landing_lambda (1.0 held lr 4e-3 at ~1e-2 on MiniLM) or lower the learning rate.",
+                    f"{report['max']:.4g} (> {self.orth_warning_threshold:g}). The adapter is then an unconstrained "
+                    f"three-factor product and large drifts have diverged in our runs. {drift_advice(opt)}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
         super().log(logs, *args, **kwargs)
+
+
+def drift_advice(opt: LandingAdamW) -> str:
+    """What to change when the factors of ``opt``'s Stiefel groups drift, for the mode(s) in use."""
+    groups = [g for g in opt.param_groups if g.get("polar_role") == "stiefel"]
+    modes = sorted({g["mode"] for g in groups})
+    advice = []
+    for mode in modes:
+        if mode in ("landing", "penalty"):
+            lam = sorted({g["landing_lambda"] for g in groups if g["mode"] == mode})
+            advice.append(
+                f"mode={mode} with landing_lambda {lam}: raise landing_lambda (1.0 held lr 4e-3 at ~1e-2 on MiniLM), "
+                "lower the learning rate, or use mode='riemannian', which retracts onto the manifold every step"
+            )
+        elif mode == "euclidean":
+            advice.append("mode='euclidean' does not constrain the factors at all; use mode='riemannian' or 'landing'")
+        else:  # riemannian / retraction retract every step: a drift this large is not the optimiser's direction
+            kinds = sorted({g["retraction"] for g in groups if g["mode"] == mode})
+            advice.append(
+                f"mode={mode} retracts every step (retraction {kinds}), so this drift comes from elsewhere: "
+                + ("one Newton–Schulz step cannot repair a step this large; use retraction='polar' or lower the "
+                   "learning rate" if "newton_schulz" in kinds else
+                   "factors stored in half precision, or parameters changed outside the optimiser; keep X and Y "
+                   "in float32")
+            )
+    return "; ".join(advice) + "."
 
 
 class PolarTrainer(PolarTrainerMixin, transformers.Trainer):

@@ -8,6 +8,9 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+# The optimiser's default mode, stored with each adapter so that make_optimizer reproduces it (one source).
+from polar.optim.optimizer import DEFAULT_MODE as DEFAULT_OPTIMIZER_MODE
+
 THETA_KINDS = ("full", "diagonal")
 INIT_KINDS = ("orthogonal",)
 
@@ -43,8 +46,10 @@ class PolarConfig(PeftConfig):
         theta: ``"full"`` (Θ is r × r) or ``"diagonal"`` (Θ is a vector of r values).
         init: Initialisation of X and Y: ``"orthogonal"`` (random orthonormal columns; Θ = 0, so the model's
             outputs are unchanged at initialisation).
-        landing_lambda: Strength λ of the landing field's normal term, read by :func:`polar.make_optimizer`
-            (reference convention: no ½ on the skew part).
+        optimizer_mode: How :func:`polar.make_optimizer` keeps X and Y orthonormal when it is not told
+            otherwise (see ``LandingAdamW``'s ``mode``). The paper's is ``"landing"`` with ``landing_lambda=5e-3``.
+        landing_lambda: Strength λ of the landing field's normal term, read by :func:`polar.make_optimizer` for
+            the ``"landing"`` and ``"penalty"`` modes (reference convention: no ½ on the skew part).
         fan_in_fan_out: Whether the model has layers storing their weight as (in, out), like GPT-2's ``Conv1D``.
             Each layer's own type decides its layout; this is set automatically when such a layer is adapted
             and is kept so :func:`polar.export_lora` can tell PEFT's LoRA.
@@ -74,7 +79,11 @@ class PolarConfig(PeftConfig):
     )
     theta: Literal["full", "diagonal"] = field(default="full", metadata={"help": "'full' (r × r) or 'diagonal'."})
     init: Literal["orthogonal"] = field(default="orthogonal", metadata={"help": "Initialisation of X and Y."})
-    landing_lambda: float = field(default=5e-3, metadata={"help": "λ of the landing field (used by the optimiser)."})
+    optimizer_mode: str = field(
+        default=DEFAULT_OPTIMIZER_MODE,
+        metadata={"help": "LandingAdamW mode make_optimizer uses for this adapter (riemannian, landing, ...)."},
+    )
+    landing_lambda: float = field(default=5e-3, metadata={"help": "λ of the landing field (modes landing, penalty)."})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored as (in, out), as GPT-2's Conv1D."})
     bias: Literal["none"] = field(default="none", metadata={"help": "Only 'none': biases are not trained."})
 
@@ -98,6 +107,12 @@ class PolarConfig(PeftConfig):
             raise ValueError(f"PolarConfig: unknown theta={self.theta!r}; pass one of {', '.join(THETA_KINDS)}.")
         if self.init not in INIT_KINDS:
             raise ValueError(f"PolarConfig: unknown init={self.init!r}; pass one of {', '.join(INIT_KINDS)}.")
+        from polar.optim.optimizer import VALID_MODES
+
+        if self.optimizer_mode not in VALID_MODES:
+            raise ValueError(
+                f"PolarConfig: unknown optimizer_mode={self.optimizer_mode!r}; pass one of {', '.join(VALID_MODES)}."
+            )
         if self.landing_lambda is None or self.landing_lambda < 0:
             raise ValueError(
                 f"PolarConfig: landing_lambda must be ≥ 0, got {self.landing_lambda!r} "
