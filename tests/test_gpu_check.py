@@ -42,9 +42,11 @@ def test_sections_at_tiny_size_write_one_results_file(tmp_path, one_thread):
     assert a["field_vs_dense_fp64"]["status"] == "pass" and a["field_vs_dense_fp64"]["max_abs_err"] < 1e-10
     assert a["n=256,r=8"]["rel_err_vs_nn"] < 1e-4
     assert {"ours_field_s", "nn_form_s", "svd_polar_retraction_s", "qr_retraction_s"} <= set(a["n=256,r=8"])
-    # b: fp32 and bf16 × three AdamW implementations, each measured (or skipped with the reason)
+    # b: fp32 and bf16 × three AdamW implementations × the modes, each measured (or skipped with the reason)
+    from polar.optim.optimizer import VALID_MODES
+
     b = _by(recs, "b")
-    assert len(b) == 6
+    assert len(b) == 6 * sum(m in VALID_MODES for m in ("landing", "riemannian"))
     for r in b:
         measured = r["status"] == "info" and math.isfinite(r["ratio"]) and r["ratio"] > 0
         assert measured or (r["status"] == "skip" and r["reason"])
