@@ -176,7 +176,7 @@ def _tiny_llama(device: torch.device, hidden: int, layers: int):
     return transformers.LlamaForCausalLM(cfg).to(device)
 
 
-def _steady_bytes(model, opt) -> int:
+def steady_bytes(model, opt) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # grads
     for st in opt.state.values():
@@ -186,7 +186,7 @@ def _steady_bytes(model, opt) -> int:
     return total
 
 
-def _transient_peak_cpu(step: Callable[[], None]) -> int:
+def transient_peak_cpu(step: Callable[[], None]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -254,7 +254,7 @@ def bench_train(device: torch.device, hidden: int, layers: int, r: int, batch: i
     med = {k: statistics.median(v) for k, v in times.items()}
     peaks = {}
     for name, (pm, opt) in models.items():
-        steady = _steady_bytes(pm, opt)
+        steady = steady_bytes(pm, opt)
         if device.type == "cuda":
             torch.cuda.synchronize()
             start = torch.cuda.memory_allocated()
@@ -263,7 +263,7 @@ def bench_train(device: torch.device, hidden: int, layers: int, r: int, batch: i
             torch.cuda.synchronize()
             transient = torch.cuda.max_memory_allocated() - start
         else:
-            transient = _transient_peak_cpu(stepper(pm, opt))
+            transient = transient_peak_cpu(stepper(pm, opt))
         peaks[name] = (steady, transient, steady + transient)
     lora_t, lora_m, lora_min = med["LoRA (AdamW)"], peaks["LoRA (AdamW)"][2], mins["LoRA (AdamW)"]
     for name, (pm, _opt) in models.items():

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..distributed import check_model
+from .sharding import check_model
 from .optimizer import (
     DEFAULT_LAMBDA,
     DEFAULT_MODE,

@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from .. import distributed as _dist
+from . import sharding as _dist
 from .landing import (
     compute_dtype,
     landing_field_from_grams,
@@ -206,7 +206,7 @@ class LandingAdamW(torch.optim.AdamW):
         step and the polar retraction are computed from these reduced values only.
 
         FSDP2 ``Shard(0)`` DTensor factors are handled built in (:meth:`_reduce`): the sums over the shard group
-        are done (:func:`polar.distributed.all_reduce_grams`) before this hook sees them.
+        are done (:func:`polar.optim.sharding.all_reduce_grams`) before this hook sees them.
         """
         return grams
 
@@ -270,11 +270,21 @@ class LandingAdamW(torch.optim.AdamW):
             buf = self._ws[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
-    def _chunk_len(self, shape: tuple[int, ...], cdt: torch.dtype, device: torch.device) -> int:
-        chunk_bytes = self._chunk_bytes if self._chunk_bytes is not None else (4 << 20 if device.type == "cpu" else 0)
+    def _chunk_len(
+        self, shape: tuple[int, ...], cdt: torch.dtype, device: torch.device,
+        sharding: Optional[_dist.RowSharding] = None,
+    ) -> int:
+        # Factors per chunk, from the *global* tall shape: every chunk issues an all-reduce when the factors are
+        # row-sharded, so all ranks must chunk alike, and FSDP2's local shards differ in rows (even 0 rows).
+        # Default (chunk_bytes=None): 4 MiB on CPU; whole buckets on GPU and for row-sharded factors (one
+        # all-reduce per bucket; each rank's stacks are already 1 / world of the bucket).
+        chunk_bytes = self._chunk_bytes
+        if chunk_bytes is None:
+            sharded = sharding is not None and bool(sharding.mesh_dims)
+            chunk_bytes = 4 << 20 if device.type == "cpu" and not sharded else 0
         if chunk_bytes <= 0:
             return 1 << 62
-        per = shape[0] * shape[1] * torch.empty((), dtype=cdt).element_size()
+        per = max(1, shape[0] * shape[1]) * torch.empty((), dtype=cdt).element_size()
         return max(1, chunk_bytes // per)
 
     def _transform_gradients(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dict[str, Any]]]:
@@ -298,7 +308,7 @@ class LandingAdamW(torch.optim.AdamW):
             keep_old = safe is not None or mode == "riemannian"
             # Chunks: on CPU a few MiB, so that the stacked X and G are still in cache for the Gram and field
             # products; on GPU the whole bucket at once (fewest launches).
-            step_len = len(items) if wide else self._chunk_len(tall, cdt, device)
+            step_len = len(items) if wide else self._chunk_len(key[3], cdt, device, sharding)
             in_place = not wide and cdt == dtype
             field_all = None
             if in_place and mode != "euclidean":  # the whole bucket's field: it becomes the gradients AdamW reads
