@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import sharding as _dist
+from . import sharding as shards
 from .landing import (
     compute_dtype,
     landing_field_from_grams,
@@ -187,7 +187,7 @@ class LandingAdamW(torch.optim.AdamW):
             raise ValueError(f"safe_step=True needs mode='landing' (got mode={group['mode']!r})")
         if role == "stiefel":
             for p in group["params"]:
-                _dist.check_stiefel_param(p)  # FSDP1 / DeepSpeed flat shards: error naming cause and alternatives
+                shards.check_stiefel_param(p)  # FSDP1 / DeepSpeed flat shards: error naming cause and alternatives
             if group["weight_decay"] != 0:
                 warnings.warn(
                     "weight decay on Stiefel factors pulls them off the manifold and fights the landing term; "
@@ -210,9 +210,9 @@ class LandingAdamW(torch.optim.AdamW):
         """
         return grams
 
-    def _reduce(self, grams: dict[str, torch.Tensor], sharding: Optional[_dist.RowSharding]) -> dict[str, torch.Tensor]:
+    def _reduce(self, grams: dict[str, torch.Tensor], sharding: Optional[shards.RowSharding]) -> dict[str, torch.Tensor]:
         # Row-sharded (FSDP2) factors: one concatenated all-reduce over the shard group, then the hook.
-        return self._reduce_grams(_dist.all_reduce_grams(grams, sharding))
+        return self._reduce_grams(shards.all_reduce_grams(grams, sharding))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -242,7 +242,7 @@ class LandingAdamW(torch.optim.AdamW):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("LandingAdamW does not support sparse gradients")
-                sharding = _dist.stiefel_sharding(p)  # every step: DeepSpeed swaps flat shards in after __init__
+                sharding = shards.stiefel_sharding(p)  # every step: DeepSpeed swaps flat shards in after __init__
                 wide = p.shape[0] < p.shape[1]
                 safe = float(group["safe_step_eps"]) if group["safe_step"] else None
                 key = (mode, group["retraction"], safe, tuple(p.shape), p.dtype, p.device, wide, sharding)
@@ -272,7 +272,7 @@ class LandingAdamW(torch.optim.AdamW):
 
     def _chunk_len(
         self, shape: tuple[int, ...], cdt: torch.dtype, device: torch.device,
-        sharding: Optional[_dist.RowSharding] = None,
+        sharding: Optional[shards.RowSharding] = None,
     ) -> int:
         # Factors per chunk, from the *global* tall shape: every chunk issues an all-reduce when the factors are
         # row-sharded, so all ranks must chunk alike, and FSDP2's local shards differ in rows (even 0 rows).
@@ -295,8 +295,8 @@ class LandingAdamW(torch.optim.AdamW):
             mode, retraction, safe, shape, dtype, device, wide, sharding = key
             params = [p for p, _ in items]
             # FSDP2: work on the local rows of each DTensor factor and gradient (identity for plain tensors).
-            params_l = [_dist.local_tensor(p) for p in params]
-            grads_l = [_dist.local_tensor(p.grad) for p in params]
+            params_l = [shards.local_tensor(p) for p in params]
+            grads_l = [shards.local_tensor(p.grad) for p in params]
             shape, device = tuple(params_l[0].shape), params_l[0].device
             cdt = compute_dtype(dtype)
             tall = (shape[1], shape[0]) if wide else shape
@@ -359,13 +359,13 @@ class LandingAdamW(torch.optim.AdamW):
             field = field.to(dtype)
             for p, f in zip(params, field.unbind(0)):
                 swapped.append((p, p.grad))
-                p.grad = _dist.like_param(f if not wide else f.contiguous(), p)  # DTensor again under FSDP2
+                p.grad = shards.like_param(f if not wide else f.contiguous(), p)  # DTensor again under FSDP2
         if self._last_orth:
             peak = torch.stack([d.max() for d in self._last_orth]).max().float()
             self._orth_peak = peak if self._orth_peak is None else torch.maximum(self._orth_peak, peak.to(self._orth_peak.device))
         return swapped, post
 
-    def _retract(self, X: torch.Tensor, kind: str, sharding: Optional[_dist.RowSharding]) -> torch.Tensor:
+    def _retract(self, X: torch.Tensor, kind: str, sharding: Optional[shards.RowSharding]) -> torch.Tensor:
         """Map tall ``X`` (stacked, compute dtype) back onto the manifold with the retraction ``kind``."""
         if kind == "qr" and sharding is None:
             return retract_qr(X)[0]
@@ -375,14 +375,14 @@ class LandingAdamW(torch.optim.AdamW):
         if kind == "newton_schulz":
             return retract_newton_schulz(X, xtx=xtx)
         # row-sharded QR = Cholesky QR from the reduced XᵀX (QR with diag(R) > 0, up to rounding)
-        return _dist.cholesky_qr(X, xtx)[0]
+        return shards.cholesky_qr(X, xtx)[0]
 
     def _post_step(self, post: list[dict[str, Any]]) -> None:
         for entry in post:
             params, wide, sharding = entry["params"], entry["wide"], entry["sharding"]
             if entry["mode"] == "euclidean":
                 continue
-            local = [_dist.local_tensor(p) for p in params]
+            local = [shards.local_tensor(p) for p in params]
             if entry["mode"] == "retraction":
                 X = torch.stack([p.mT if wide else p for p in local])
                 self._write(params, self._retract(X.to(compute_dtype(X.dtype)), entry["retraction"], sharding), wide)
@@ -413,7 +413,7 @@ class LandingAdamW(torch.optim.AdamW):
     @staticmethod
     def _write(params: list[torch.Tensor], values: torch.Tensor, wide: bool) -> None:
         for p, v in zip(params, values.unbind(0)):
-            _dist.local_tensor(p).copy_(v.mT if wide else v)
+            shards.local_tensor(p).copy_(v.mT if wide else v)
 
     def _stabilize(self) -> None:
         blocks: dict[Any, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -438,9 +438,9 @@ class LandingAdamW(torch.optim.AdamW):
                 )
             triples += list(zip(groups["X"]["params"], groups["Y"]["params"], groups["theta"]["params"]))
         if triples:
-            before = [(_dist.local_tensor(x).clone(), _dist.local_tensor(y).clone()) for x, y, _ in triples]
-            if any(_dist.is_dtensor(t) for triple in triples for t in triple):
-                _dist.reorthonormalize_sharded_triples(triples)  # FSDP2: Cholesky QR from all-reduced Grams
+            before = [(shards.local_tensor(x).clone(), shards.local_tensor(y).clone()) for x, y, _ in triples]
+            if any(shards.is_dtensor(t) for triple in triples for t in triple):
+                shards.reorthonormalize_sharded_triples(triples)  # FSDP2: Cholesky QR from all-reduced Grams
             else:
                 reorthonormalize_triples(triples)
             self._transport_moments(triples, before)
@@ -459,10 +459,10 @@ class LandingAdamW(torch.optim.AdamW):
         """Carry AdamW's moments of re-orthonormalised ``(X, Y, Θ)`` into the new basis (see :mod:`.stabilize`)."""
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (x, y, _) in enumerate(triples):
-            buckets[(tuple(x.shape), tuple(y.shape), _dist.row_sharding(x), _dist.row_sharding(y))].append(i)
+            buckets[(tuple(x.shape), tuple(y.shape), shards.row_sharding(x), shards.row_sharding(y))].append(i)
         for (_, _, sx, sy), idx in buckets.items():
-            Mx = self._basis_changes([before[i][0] for i in idx], [_dist.local_tensor(triples[i][0]) for i in idx], sx)
-            My = self._basis_changes([before[i][1] for i in idx], [_dist.local_tensor(triples[i][1]) for i in idx], sy)
+            Mx = self._basis_changes([before[i][0] for i in idx], [shards.local_tensor(triples[i][0]) for i in idx], sx)
+            My = self._basis_changes([before[i][1] for i in idx], [shards.local_tensor(triples[i][1]) for i in idx], sy)
             for j, i in enumerate(idx):
                 x, y, theta = triples[i]
                 # The landing / retraction modes feed AdamW the field's skew part, which moves with the basis
@@ -476,14 +476,14 @@ class LandingAdamW(torch.optim.AdamW):
                         if name not in state:
                             continue
                         st = state[name]
-                        if _dist.is_dtensor(st) and p is theta:  # Θ is tiny: transform it whole, keep the local rows
+                        if shards.is_dtensor(st) and p is theta:  # Θ is tiny: transform it whole, keep the local rows
                             from torch.distributed.tensor import distribute_tensor
 
                             full = fn(st.full_tensor(), kind).to(st.dtype)
                             shard = distribute_tensor(full, st.device_mesh, st.placements, src_data_rank=None)
                             st.to_local().copy_(shard.to_local())
                         else:  # X, Y: the transform acts on columns, so every row shard transforms on its own
-                            local = _dist.local_tensor(st)
+                            local = shards.local_tensor(st)
                             local.copy_(fn(local, kind).to(local.dtype))
 
     # ------------------------------------------------------------------ reporting
@@ -504,9 +504,9 @@ class LandingAdamW(torch.optim.AdamW):
             for group in self.param_groups:
                 if group["polar_role"] == "stiefel":
                     for p in group["params"]:
-                        buckets[(tuple(p.shape), p.dtype, p.device, _dist.row_sharding(p))].append(p)
+                        buckets[(tuple(p.shape), p.dtype, p.device, shards.row_sharding(p))].append(p)
             for (*_, sharding), ps in buckets.items():  # FSDP2: local rows, XᵀX all-reduced (call on every rank)
-                X = torch.stack([_dist.local_tensor(p).mT if p.shape[0] < p.shape[1] else _dist.local_tensor(p) for p in ps])
+                X = torch.stack([shards.local_tensor(p).mT if p.shape[0] < p.shape[1] else shards.local_tensor(p) for p in ps])
                 X = X.to(compute_dtype(ps[0].dtype))
                 vals.append(orthogonality_error_from_gram(self._reduce({"xtx": X.mT @ X}, sharding)["xtx"]))
         else:
