@@ -19,7 +19,9 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 from torch import nn
 
-from polar.io import atomic_directory, atomic_write_json, read_adapter_config, read_adapter_weights
+from polar.formats import PEFT_PREFIX, parse_key, read_adapter_config, read_adapter_weights, read_state_dict
+from polar.formats import reference_parameterization
+from polar.io import atomic_directory, atomic_write_json
 from polar.tuner import PolarConfig
 from polar.tuner.config import PolarPeftType
 
@@ -128,32 +130,34 @@ def export_lora(
     return Path(out_dir)
 
 
-_REFERENCE_KEY = re.compile(
-    r"^(?P<module>.+)\.lora_(?P<factor>[ABS])(?:\.(?P<adapter>[A-Za-z0-9_-]+))?"
-    r"(?:\.weight|\.parametrizations\.weight\.original)$"
-)
-
-
-def _reference_scaling(config: dict[str, Any], module: str, r: int) -> float:
-    name = module.removeprefix("base_model.model.")
-    alpha_pattern = config.get("alpha_pattern") or {}
-    alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", r)))
-    return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
-
-
 def convert_reference(
     src_dir: Union[str, os.PathLike],
     out_dir: Union[str, os.PathLike],
     overwrite: bool = False,
     landing_lambda: float | None = None,
+    parameterize_s: str | None = None,
 ) -> Path:
     """Convert an adapter saved by the PoLAR reference code into a PoLAR adapter of this package.
 
-    The source holds a LoRA-style ``adapter_config.json`` and ``lora_A`` (r × in), ``lora_B`` (out × r) and
-    ``lora_S`` (r × r, possibly stored as ``lora_S.parametrizations.weight.original``) tensors; its update is
-    ΔW = s · B S A. The result has X = B, Y = Aᵀ, Θ = S (rescaled if the scalings differ), so ΔW is identical.
-    Factors are copied as they are: if the reference run let them drift off the manifold they still do
+    The source holds a LoRA-style ``adapter_config.json`` (with the reference's ``parameterize_S``) and ``lora_A``
+    (r × in), ``lora_B`` (out × r) and ``lora_S`` tensors (r × r, stored under its torch parametrisation as
+    ``lora_S[.<adapter>].parametrizations.weight.original``); its update is ΔW = s · B S A with the effective S
+    given by ``parameterize_S``. The result has X = B, Y = Aᵀ and
+
+    * ``identity`` (S free): Θ = S, ``theta="full"``;
+    * ``diagonal``: Θ = diag(S) stored as a vector, ``theta="diagonal"`` (the off-diagonal entries the reference
+      ignored are dropped);
+    * ``removal`` (S fixed to I; the stored tensor is ignored): Θ = I, ``theta="full"``. The reference never
+      trains S in this mode, but a converted adapter trains Θ like any PoLAR adapter: freeze ``polar_theta``
+      (``requires_grad_(False)``) to continue training it the reference's way.
+
+    Θ is rescaled when the reference's scaling (``alpha_pattern``, rsLoRA) differs from ``alpha / r``, so ΔW is
+    identical. Factors are copied as they are: if the reference run let them drift off the manifold they still do
     (``polar.reorthonormalize`` fixes that without changing ΔW).
+
+    Args:
+        parameterize_s: only for checkpoints whose config does not record ``parameterize_S`` (default then
+            ``identity``); a value contradicting the recorded one is refused.
 
     Returns:
         ``out_dir`` as a Path, loadable with ``PeftModel.from_pretrained(base, out_dir)`` after ``import polar``.
@@ -161,25 +165,22 @@ def convert_reference(
     src_dir = Path(src_dir)
     ref_config = read_adapter_config(src_dir)
     weights = read_adapter_weights(src_dir)
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    passthrough: dict[str, torch.Tensor] = {}
-    for key, tensor in weights.items():
-        match = _REFERENCE_KEY.match(key)
-        if match is None:
-            passthrough[key] = tensor
-        else:
-            modules.setdefault(match["module"], {})[match["factor"]] = tensor
-    if not modules:
+    parsed = {k: parse_key(k) for k in weights}
+    if not any(p is not None and p.part == "S" for p in parsed.values()):
+        found = sorted({p.part for p in parsed.values() if p is not None})
         raise ValueError(
-            f"{src_dir} holds no reference PoLAR tensors (lora_A / lora_B / lora_S); keys found: "
-            f"{', '.join(sorted(weights)[:8]) or 'none'}."
+            f"{src_dir} holds no lora_S tensors (adapter factors found: {', '.join(found) or 'none'}): this is not "
+            "a PoLAR reference adapter (a plain LoRA adapter has no lora_S; load it with PEFT's LoraConfig instead)."
         )
+    source = read_state_dict(weights, where=str(src_dir), config=ref_config, reference_theta=parameterize_s,
+                             adapter_name=ref_config.get("adapter_name") if _keys_name_adapters(parsed) else None)
+    if source.adapter_type != "polar-reference":
+        raise ValueError(f"{src_dir} holds a {source.adapter_type} adapter, not a PoLAR reference adapter.")
+    mode, _ = reference_parameterization(ref_config, parameterize_s, str(src_dir))
+    passthrough = {k: v for k, v in weights.items() if parsed[k] is None}
 
     default_r = int(ref_config.get("r", 8))
     default_alpha = float(ref_config.get("lora_alpha", default_r))
-    diagonal = {tensors["S"].ndim == 1 for tensors in modules.values() if "S" in tensors}
-    if len(diagonal) > 1:
-        raise ValueError(f"{src_dir} mixes diagonal and full lora_S tensors; cannot convert to one PolarConfig.")
     polar_config = PolarConfig(
         r=default_r,
         alpha=default_alpha,
@@ -189,7 +190,7 @@ def convert_reference(
         layers_to_transform=ref_config.get("layers_to_transform"),
         layers_pattern=ref_config.get("layers_pattern"),
         modules_to_save=ref_config.get("modules_to_save"),
-        theta="diagonal" if diagonal == {True} else "full",
+        theta="diagonal" if mode == "diagonal" else "full",
         fan_in_fan_out=bool(ref_config.get("fan_in_fan_out", False)),
         task_type=ref_config.get("task_type"),
         base_model_name_or_path=ref_config.get("base_model_name_or_path"),
@@ -198,35 +199,30 @@ def convert_reference(
     )
 
     state = dict(passthrough)
-    for module, tensors in sorted(modules.items()):
-        missing = [f"lora_{f}" for f in "ABS" if f not in tensors]
-        if missing:
-            raise ValueError(
-                f"Module {module} in {src_dir} lacks {', '.join(missing)}: this is not a PoLAR reference adapter "
-                "(a plain LoRA adapter has no lora_S; load it with PEFT's LoraConfig instead)."
-            )
-        a, b, s = tensors["A"], tensors["B"], tensors["S"]
-        r = a.shape[0]
-        expected_s = (r,) if s.ndim == 1 else (r, r)
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r or tuple(s.shape) != expected_s:
-            raise ValueError(
-                f"Module {module}: inconsistent shapes lora_A {tuple(a.shape)} (r × in), lora_B {tuple(b.shape)} "
-                f"(out × r), lora_S {tuple(s.shape)} (r × r)."
-            )
-        name = module.removeprefix("base_model.model.")
+    for md in source.modules:
+        a_t, b, r = md.right, md.left, md.r
+        if md.core is None:  # removal: S = I
+            core = torch.eye(r, dtype=torch.float64)
+        else:
+            core = md.core.double()
         if r != default_r:
-            polar_config.rank_pattern[f"^{re.escape(name)}$"] = r
+            polar_config.rank_pattern[f"^{re.escape(md.module)}$"] = r
         # Any difference between the reference's scaling (alpha_pattern, rsLoRA) and ours is folded into Θ.
-        ratio = _reference_scaling(ref_config, module, r) / (default_alpha / r)
-        dtype = a.dtype
-        state[f"{module}.polar_X"] = b.contiguous()
-        state[f"{module}.polar_Y"] = a.T.contiguous()
-        state[f"{module}.polar_theta"] = (s.double() * ratio).to(dtype).contiguous()
+        ratio = md.scale / (default_alpha / r)
+        key = f"{PEFT_PREFIX}{md.module}"
+        state[f"{key}.polar_X"] = b.contiguous()
+        state[f"{key}.polar_Y"] = a_t.contiguous()
+        state[f"{key}.polar_theta"] = (core * ratio).to(b.dtype).contiguous()
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         polar_config.save_pretrained(tmp)
         save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        atomic_write_json(
-            tmp / "conversion.json", {"converted_from": str(src_dir.resolve()), "format": "polar-reference"}
-        )
+        atomic_write_json(tmp / "conversion.json", {
+            "converted_from": str(src_dir.resolve()), "format": "polar-reference", "parameterize_S": mode,
+            "theta_trainable_in_reference": mode != "removal",
+        })
     return Path(out_dir)
+
+
+def _keys_name_adapters(parsed: dict) -> bool:
+    return any(p is not None and p.adapter is not None for p in parsed.values())

@@ -17,19 +17,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import polar  # noqa: F401  (registers PoLAR with PEFT before any adapter is loaded)
+from polar.formats import adapter_kind, read_adapter_config
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 RESULTS_NAME = "eval_results.json"
-
-
-def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    path = Path(adapter_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"adapter folder {str(path)!r} does not exist.")
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{str(path)!r} holds no adapter_config.json (is it a `polar train` output folder?).")
-    return json.loads(config_file.read_text())
 
 
 def read_run(adapter_dir: str | Path) -> dict[str, Any]:
@@ -69,6 +60,19 @@ def evaluate(
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
+    kind = adapter_kind(adapter_dir)
+    if kind == "polar-reference":
+        # PEFT would load it as plain LoRA and silently drop lora_S (ΔW = BA instead of B S A).
+        raise ValueError(
+            f"{str(adapter_dir)!r} is a PoLAR reference-code adapter (lora_S tensors); PEFT would drop its S. "
+            f"Convert it first: polar convert {adapter_dir} CONVERTED_DIR, then evaluate CONVERTED_DIR."
+        )
+    if kind == "lora-fused":
+        raise ValueError(
+            f"{str(adapter_dir)!r} is an early-PEFT fused-qkv LoRA adapter (enable_lora); current PEFT cannot load "
+            "it (it drops enable_lora). Analyse it with `polar analyze`; evaluate it with the PEFT release that "
+            "wrote it."
+        )
     run = read_run(adapter_dir)
     settings = run.get("settings", {})
     base = base_model or config.get("base_model_name_or_path") or settings.get("model")

@@ -1,4 +1,4 @@
-"""Small file utilities shared across polar: atomic writes and adapter-folder reading."""
+"""Small file utilities shared across polar: atomic writes. (Adapter files are read by :mod:`polar.formats`.)"""
 
 from __future__ import annotations
 
@@ -10,12 +10,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors.torch import load_file
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -63,48 +57,3 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``adapter_config.json`` of an adapter folder, with a clear error when it is missing."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise FileNotFoundError(f"Adapter folder {adapter_dir} does not exist.")
-    path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        found = sorted(p.name for p in adapter_dir.iterdir())
-        raise FileNotFoundError(
-            f"{adapter_dir} holds no {ADAPTER_CONFIG} (found: {', '.join(found) or 'nothing'}); "
-            "pass the folder written by save_pretrained."
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
-def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of ``adapter_model.safetensors`` (preferred) or ``adapter_model.bin`` in ``adapter_dir``."""
-    adapter_dir = Path(adapter_dir)
-    for name in ADAPTER_WEIGHT_FILES:
-        path = adapter_dir / name
-        if path.is_file():
-            return load_state_dict_file(path)
-    found = sorted(p.name for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else []
-    raise FileNotFoundError(
-        f"{adapter_dir} holds no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)}); found: "
-        f"{', '.join(found) or 'nothing'}."
-    )
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a ``.safetensors``, ``.bin`` or ``.pt`` state dict onto the CPU (tensors only, no pickled code)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__}).")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

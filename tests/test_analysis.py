@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import polar
 from polar.analysis import AdapterFormatError, analyze, format_summary, read_table, write_csv, write_json
 from polar.analysis.plots import plot_analysis, row_distance_matrix
-from polar.analysis.readers import read_path
+from polar.formats import read_path
 from polar.cli import main
 
 REQUIRED = ["module", "shape", "r", "stable_rank", "effective_rank", "fro_norm", "spectral_norm", "orth_error_x",
@@ -201,33 +201,6 @@ def test_raw_state_dicts_bin_and_safetensors(tmp_path):
         assert df["module"].tolist() == ["model.layers.3.mlp.up_proj"]
         assert df["layer"].tolist() == [3]
         _assert_sv(df.iloc[0]["singular_values"], _svd(b0 @ a0))
-
-
-def test_reference_format_polar_folder(tmp_path):
-    gen = torch.Generator().manual_seed(8)
-    r, alpha = 4, 16
-    tensors, dense = {}, {}
-    for i in range(2):
-        prefix = f"base_model.model.model.layers.{i}.self_attn.q_proj"
-        a = torch.linalg.qr(torch.randn(32, r, generator=gen))[0].T.contiguous()  # r × in
-        b = torch.linalg.qr(torch.randn(48, r, generator=gen))[0].contiguous()  # out × r
-        s = torch.randn(r, r, generator=gen)
-        tensors[f"{prefix}.lora_A.weight"] = a
-        tensors[f"{prefix}.lora_B.weight"] = b
-        tensors[f"{prefix}.lora_S.parametrizations.weight.original"] = s
-        dense[f"model.layers.{i}.self_attn.q_proj"] = (alpha / r) * b @ s @ a
-    folder = tmp_path / "reference"
-    folder.mkdir()
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha,
-                                                              "target_modules": ["q_proj"]}))
-    df = analyze(folder)
-    assert set(df["adapter_type"]) == {"polar-reference"}
-    for _, row in df.iterrows():
-        _assert_sv(row["singular_values"], _svd(dense[row["module"]]))
-        assert row["orth_error_x"] < 1e-5 and row["orth_error_y"] < 1e-5
-    diag = analyze(folder, reference_theta="diagonal")
-    assert set(diag["theta"]) == {"diagonal"}
 
 
 def test_table_schema_csv_json_roundtrip(adapters, tmp_path):

@@ -303,61 +303,6 @@ def test_export_lora_from_live_model_and_cli(tmp_path):
     assert not (tmp_path / "again").exists()
 
 
-def _write_reference_checkpoint(directory, *, fmt="safetensors", parametrized=False, alpha=16, r=4):
-    """An adapter in the layout the PoLAR reference code saves: LoRA config plus lora_A / lora_B / lora_S."""
-    model = tiny_llama()
-    generator = torch.Generator().manual_seed(7)
-    state, expected = {}, {}
-    for name, module in model.named_modules():
-        if name.endswith(("q_proj", "v_proj")):
-            out_f, in_f = module.weight.shape
-            a = torch.randn(r, in_f, generator=generator)
-            b = torch.randn(out_f, r, generator=generator)
-            s = torch.randn(r, r, generator=generator)
-            prefix = f"base_model.model.{name}"
-            s_key = "lora_S.parametrizations.weight.original" if parametrized else "lora_S.weight"
-            state.update({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b, f"{prefix}.{s_key}": s})
-            expected[prefix] = (alpha / r) * b.double() @ s.double() @ a.double()
-    directory.mkdir(parents=True)
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"],
-              "lora_dropout": 0.05, "task_type": "CAUSAL_LM", "base_model_name_or_path": None}
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, directory / "adapter_model.safetensors")
-    else:
-        torch.save(state, directory / "adapter_model.bin")
-    return expected
-
-
-@pytest.mark.parametrize("fmt,parametrized", [("safetensors", False), ("bin", True)])
-def test_convert_reference_reproduces_delta_w(tmp_path, fmt, parametrized):
-    expected = _write_reference_checkpoint(tmp_path / "ref", fmt=fmt, parametrized=parametrized)
-    out = polar.convert_reference(tmp_path / "ref", tmp_path / "converted")
-    model = PeftModel.from_pretrained(tiny_llama(), out)
-    deltas = delta_weights(model)
-    assert set(deltas) == set(expected)
-    for key, delta in deltas.items():
-        assert torch.allclose(delta.double(), expected[key], rtol=1e-5, atol=1e-5), key
-    assert model.peft_config["default"].dropout == 0.05
-
-
-def test_convert_cli_and_plain_lora_is_refused(tmp_path):
-    from polar.cli import main
-
-    _write_reference_checkpoint(tmp_path / "ref")
-    assert main(["convert", str(tmp_path / "ref"), str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "POLAR"
-    from peft import LoraConfig
-
-    lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
-    lora.save_pretrained(tmp_path / "lora")
-    with pytest.raises(ValueError, match="lacks lora_S.*not a PoLAR reference adapter"):
-        polar.convert_reference(tmp_path / "lora", tmp_path / "out2")
-    assert not (tmp_path / "out2").exists()
-
-
 # ----------------------------------------------------------------------------------------- bad input
 
 

@@ -8,7 +8,7 @@
 See ``docs/analysis.md``.
 """
 
-from .readers import AdapterFormatError, AdapterSource, ModuleDelta, read_model, read_path, read_source
+from polar.formats import AdapterFormatError, AdapterSource, ModuleDelta, read_model, read_path, read_source
 from .report import (
     COLUMNS,
     analyze,

@@ -30,8 +30,8 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-from .readers import AdapterFormatError, read_model
-from .report import SPECTRAL_COLUMNS, _layer_and_suffix, module_types
+from polar.formats import AdapterFormatError, compile_regex, read_model
+from .report import SPECTRAL_COLUMNS, layer_and_suffix, module_types
 from .spectra import factored_singular_values, dense_singular_values, orthogonality_error, spectrum_stats
 
 __all__ = ["StableRankCallback", "CSV_COLUMNS", "measure"]
@@ -82,7 +82,7 @@ def measure(
         else:
             sv = factored_singular_values(md.left, md.right, md.core, md.scale)
         stats = spectrum_stats(sv)
-        layer, _ = _layer_and_suffix(md.module)
+        layer, _ = layer_and_suffix(md.module)
         out.append(
             {
                 "module": md.module,
@@ -130,7 +130,6 @@ class StableRankCallback(TrainerCallback):
         if int(every_n_steps) < 1:
             raise ValueError(f"every_n_steps must be ≥ 1, got {every_n_steps!r}")
         if modules is not None:
-            from .readers import compile_regex
 
             compile_regex(modules, "StableRankCallback modules")
         self.every_n_steps = int(every_n_steps)

@@ -17,7 +17,7 @@ import torch
 
 from polar.io import atomic_write_bytes
 
-from .readers import AdapterSource, ModuleDelta
+from polar.formats import AdapterSource, ModuleDelta, compile_regex
 from .report import safe_filename
 from .spectra import row_embedding
 
@@ -275,7 +275,6 @@ def plot_analysis(
     if heatmap:
         if sources is None:
             raise ValueError("row-distance heatmaps need the adapters themselves (sources), not only the table")
-        from .readers import compile_regex
 
         patterns = [compile_regex(p, "--heatmap") for p in heatmap]
         chosen = [

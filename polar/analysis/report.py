@@ -14,7 +14,7 @@ import torch
 
 from polar.io import atomic_write_text
 
-from .readers import AdapterSource, ModuleDelta, iter_sources, read_source
+from polar.formats import AdapterSource, BaseWeights, ModuleDelta, iter_sources, read_source
 from .spectra import (
     dense_singular_values,
     factored_singular_values,
@@ -67,7 +67,7 @@ COLUMNS = [
 # module naming
 
 
-def _layer_and_suffix(module: str) -> tuple[Optional[int], str]:
+def layer_and_suffix(module: str) -> tuple[Optional[int], str]:
     """The first numeric path component (the block index) and the path after it."""
     parts = module.split(".")
     for i, p in enumerate(parts):
@@ -83,7 +83,7 @@ def module_types(modules: Sequence[str]) -> dict[str, str]:
     Llama: ``self_attn.q_proj`` → ``q_proj``; BERT: ``attention.self.query`` → ``query`` but
     ``attention.output.dense`` and ``output.dense`` stay distinct.
     """
-    suffixes = {m: _layer_and_suffix(m)[1] for m in modules}
+    suffixes = {m: layer_and_suffix(m)[1] for m in modules}
     distinct = sorted(set(suffixes.values()))
     short: dict[str, str] = {}
     for s in distinct:
@@ -131,7 +131,7 @@ def module_rows(source: AdapterSource, top_k: int = DEFAULT_TOP_K) -> list[dict[
     types = module_types([m.module for m in source.modules])
     rows = []
     for md in source.modules:
-        layer, _ = _layer_and_suffix(md.module)
+        layer, _ = layer_and_suffix(md.module)
         row: dict[str, Any] = {
             "label": source.label or source.default_label(),
             "path": source.path,
@@ -186,11 +186,9 @@ def load_sources(
     base_model: Any = None,
     labels: Optional[Sequence[str]] = None,
     alpha: Optional[float] = None,
-    reference_theta: str = "full",
+    reference_theta: Optional[str] = None,
 ) -> list[AdapterSource]:
     """Read every path / model / state dict into :class:`AdapterSource` objects (with unique labels)."""
-    from .readers import BaseWeights
-
     items = list(iter_sources(sources))
     if not items:
         raise ValueError("nothing to analyse: pass at least one adapter path or model")
@@ -239,7 +237,7 @@ def analyze(
     base_model: Any = None,
     labels: Optional[Sequence[str]] = None,
     alpha: Optional[float] = None,
-    reference_theta: str = "full",
+    reference_theta: Optional[str] = None,
     top_k: int = DEFAULT_TOP_K,
 ) -> pd.DataFrame:
     """Per-module spectral diagnostics of one or several adapters.
@@ -255,8 +253,10 @@ def analyze(
         labels: one display label per source (default: ``"<adapter_type> r=<r>"``).
         alpha: LoRA/PoLAR scaling numerator for raw state dicts without ``adapter_config.json`` (scaling alpha / r;
             default scaling 1). Ranks do not depend on it, norms do.
-        reference_theta: how the reference code parametrised S: ``"full"`` (default), ``"diagonal"`` or
-            ``"identity"`` (not recorded in its checkpoints).
+        reference_theta: the reference code's ``parameterize_S`` for reference-PoLAR checkpoints whose
+            ``adapter_config.json`` does not record it, in its own words: ``"identity"`` (S free, the default),
+            ``"diagonal"`` (diag(diag(S))) or ``"removal"`` (S fixed to I). A recorded value is used as it is; a
+            different value given here is refused.
         top_k: number of ``sigma_i`` columns.
 
     Returns:

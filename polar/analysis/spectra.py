@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from polar.optim import landing
+
 __all__ = [
     "SpectrumStats",
     "core_matrix",
@@ -133,11 +135,9 @@ def effective_rank(singular_values: torch.Tensor | Sequence[float]) -> float:
 
 
 def orthogonality_error(factor: torch.Tensor) -> float:
-    """‖XᵀX − I‖_F for a tall factor X (n × r). Pass wide factors (r × n) transposed."""
-    x = _as_float(factor)
-    gram = x.T @ x
-    gram.diagonal().sub_(1.0)
-    return float(torch.linalg.matrix_norm(gram))
+    """‖XᵀX − I‖_F of a factor (tall, or wide and then transposed), by the landing optimiser's own kernel
+    (:func:`polar.optim.landing.orthogonality_error`), on a float64 copy (gathered first if it is a DTensor)."""
+    return float(landing.orthogonality_error(_as_float(factor)))
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pathlib import Path
 EPILOG = """\
 what is recognised in PATH:
   - a PEFT adapter folder (adapter_config.json + adapter_model.safetensors/.bin): PoLAR, LoRA or DoRA
-  - a reference-code PoLAR folder (LoRA-style config, lora_A / lora_B / lora_S tensors)
+  - a reference-code PoLAR folder (LoRA-style config with parameterize_S, lora_A / lora_B / lora_S tensors)
+  - an early-PEFT fused-qkv LoRA folder (enable_lora): one row per enabled group, <module>[<group>]
   - a state-dict file or folder of them (.safetensors, .bin, .pt, .pth) holding <module>.lora_A[.weight] and
     <module>.lora_B[.weight] pairs (e.g. the original LoRA checkpoints); without adapter_config.json the scaling
     is 1, or alpha/r with --alpha
@@ -65,9 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--reference-theta",
-        choices=("full", "diagonal", "identity"),
-        default="full",
-        help="parametrisation of S in reference-code PoLAR checkpoints (not stored in them; default full)",
+        choices=("identity", "diagonal", "removal"),
+        default=None,
+        metavar="{identity,diagonal,removal}",
+        help="the reference code's parameterize_S, in its own words: identity = S free (r × r), diagonal = "
+        "diag(diag(S)), removal = S fixed to I. Read from the checkpoint's adapter_config.json when recorded there "
+        "(a different value is refused); only checkpoints that lack it need this (default then identity)",
     )
     parser.add_argument("--top-k", type=int, default=8, help="number of sigma_i columns (default 8)")
     parser.add_argument("--no-plots", action="store_true", help="with --out, write only the tables and summary")
