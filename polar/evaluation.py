@@ -78,6 +78,7 @@ def evaluate(
     base = base_model or config.get("base_model_name_or_path") or settings.get("model")
     if not base:
         raise ValueError(f"cannot tell the base model of {str(adapter_dir)!r}; pass --base-model.")
+    limit = check_limit(limit)
     task_list = _split_tasks(tasks)
     trained_task = run.get("resolved", {}).get("task") or settings.get("task")
     is_cls = config.get("task_type") == "SEQ_CLS" or any(t.lower().startswith("glue:") for t in task_list)
@@ -129,6 +130,20 @@ def evaluate(
     atomic_write_json(target, _clean(out))
     out["output"] = str(target)
     return out
+
+
+def check_limit(limit: int | float | None) -> int | float | None:
+    """``limit`` as evaluation uses it: ``None``, a count N ≥ 1 (an int) or a fraction 0 < f < 1 (a float)."""
+    if limit is None:
+        return None
+    value = float(limit)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--limit must be a count ≥ 1 or a fraction in (0, 1); got {limit!r}.")
+    if value >= 1:
+        if value != int(value):
+            raise ValueError(f"--limit {limit!r}: a count must be a whole number (a fraction must be below 1).")
+        return int(value)
+    return value
 
 
 def _is_lm_eval_name(task: str) -> bool:
@@ -265,8 +280,11 @@ def _evaluate_glue(adapter_dir: Path, base: str, task: str, data_dir: Any, batch
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.to(device).eval()
     bs = int(batch_size) if str(batch_size).isdigit() else 32
-    n = int(limit) if limit is not None and limit >= 1 else None
-    splits = load_glue(gtask, "dev", data_dir, n)
+    # A count limits each dev split to its first N examples; a fraction (lm-eval's meaning of limit < 1) to the
+    # first ceil(fraction · size) of each.
+    splits = load_glue(gtask, "dev", data_dir, limit if isinstance(limit, int) else None)
+    if isinstance(limit, float):
+        splits = {name: examples[: math.ceil(limit * len(examples))] for name, examples in splits.items()}
     from transformers import DataCollatorWithPadding
 
     collator = DataCollatorWithPadding(tokenizer)

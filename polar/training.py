@@ -415,12 +415,9 @@ def _callbacks(settings: TrainSettings, output_dir: Path) -> list[Any]:
 
     callbacks: list[Any] = [MetricsCSVCallback(output_dir / "metrics.csv"), PolarProgressCallback()]
     if settings.track_every:
-        try:
-            from polar.analysis.callback import StableRankCallback
-        except ImportError:
-            print("polar train: --track-every needs polar.analysis (not available); not tracking.", file=sys.stderr)
-        else:
-            callbacks.append(_make_tracker(StableRankCallback, settings.track_every, output_dir))
+        from polar.analysis.callback import StableRankCallback
+
+        callbacks.append(_make_tracker(StableRankCallback, settings.track_every, output_dir))
     return callbacks
 
 
@@ -451,19 +448,11 @@ def train(**kwargs: Any) -> dict[str, Any]:
 
 def _run(settings: TrainSettings, argv: list[str] | None = None) -> dict[str, Any]:
     import torch
-    from transformers import TrainingArguments, set_seed
+    from transformers import TrainingArguments
 
-    from polar.data import (
-        CausalLMCollator,
-        CausalLMDataset,
-        ClassificationDataset,
-        glue_task,
-        load_examples,
-        resolve_task,
-    )
+    from polar.data import resolve_task
 
     spec = resolve_task(settings.task, settings.data_file)
-    classification = spec.is_classification
     output_dir = Path(settings.output_dir)
     resume_from = check_output_dir(settings)  # every rank checks before anything is written
 
@@ -473,7 +462,11 @@ def _run(settings: TrainSettings, argv: list[str] | None = None) -> dict[str, An
     elif settings.bf16:
         dtype = torch.bfloat16
     elif settings.fp16:
-        dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+        if not torch.cuda.is_available():
+            # fp16 mixed precision needs a GPU: refusing beats training silently in fp32 under an fp16 label.
+            raise ValueError("--fp16 needs a CUDA GPU (fp16 mixed precision); none is visible. On CPU train in "
+                             "fp32 (drop --fp16) or use --bf16.")
+        dtype = torch.float16
     else:
         dtype = None
 
@@ -536,13 +529,27 @@ def _run(settings: TrainSettings, argv: list[str] | None = None) -> dict[str, An
         dataloader_pin_memory=torch.cuda.is_available(),
         **warmup_kw,
     )
+    created = args.process_index == 0 and not output_dir.exists()
+    try:
+        return _train_in_folder(settings, args, spec, resume_from, dtype, grad_accum, argv)
+    except BaseException:
+        # A run that fails before its first step (a model that does not load, bad data, ...) leaves no folder.
+        if created and output_dir.is_dir() and not (output_dir / "run.json").exists():
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+
+def _train_in_folder(settings: TrainSettings, args: Any, spec: Any, resume_from: str | None, dtype: Any,
+                     grad_accum: int, argv: list[str] | None) -> dict[str, Any]:
+    import torch
+    from transformers import set_seed
+
+    from polar.data import CausalLMCollator, CausalLMDataset, ClassificationDataset, glue_task, load_examples
+
+    output_dir = Path(settings.output_dir)
+    classification = spec.is_classification
     is_main = args.process_index == 0
     world_size = args.world_size
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if settings.overwrite and not settings.resume and run_in_folder(output_dir):
-            clear_run(output_dir)
-    _barrier()
     set_seed(settings.seed)
 
     # ---- model, tokenizer, data
@@ -591,6 +598,14 @@ def _run(settings: TrainSettings, argv: list[str] | None = None) -> dict[str, An
             param.data = param.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+
+    # Model, data and adapter are ready: only now touch the output folder (an old run is cleared only if the new
+    # one could start).
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if settings.overwrite and not settings.resume and run_in_folder(output_dir):
+            clear_run(output_dir)
+    _barrier()
 
     # ---- trainer: PoLAR trains with the landing optimiser, LoRA/DoRA with the Trainer's AdamW.
     trainer_cls, trainer_kwargs, optimizer_name = _trainer_setup(settings)
@@ -693,11 +708,9 @@ def _trainer_setup(settings: TrainSettings) -> tuple[Any, dict[str, Any], str]:
     from transformers import Trainer
 
     if settings.adapter == "polar":
-        try:
-            from polar.optim.trainer import PolarTrainer
-        except ImportError:  # pragma: no cover - optimiser not installed
-            print("polar train: warning: polar.optim unavailable, training PoLAR with plain AdamW.", file=sys.stderr)
-            return Trainer, {}, "adamw (landing optimiser unavailable)"
+        # A hard import: a broken polar.optim must fail the run, never turn PoLAR into a three-factor LoRA.
+        from polar.optim.trainer import PolarTrainer
+
         options = optimizer_options(settings)
         return PolarTrainer, {"polar_optimizer_kwargs": options}, describe_optimizer(options)
     return Trainer, {}, "adamw"

@@ -120,8 +120,9 @@ def test_dense_singular_values_top_k() -> None:
 
 
 def test_cost_scales_with_r_not_layer_size() -> None:
-    """A 60000 × 50000 update (24 GB in float64 if it were formed) is analysed from its factors alone."""
-    import time
+    """A 60000 × 50000 update (24 GB in float64 if it were formed) is analysed from its factors alone: the matrix
+    products done cost O((m + n) r²), counted by torch's FLOP counter, far below the m · n · r of forming ΔW."""
+    from torch.utils.flop_counter import FlopCounterMode
 
     from polar.analysis import analyze
 
@@ -132,11 +133,8 @@ def test_cost_scales_with_r_not_layer_size() -> None:
         "base_model.model.model.layers.0.mlp.down_proj.polar_Y": torch.linalg.qr(torch.randn(n, r, generator=gen))[0],
         "base_model.model.model.layers.0.mlp.down_proj.polar_theta": torch.diag(torch.arange(1.0, r + 1)),
     }
-    start = time.perf_counter()
-    df = analyze(sd)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10.0
+    with FlopCounterMode(display=False) as counter:
+        df = analyze(sd)
+    assert counter.get_total_flops() < 100 * (m + n) * r * r  # forming ΔW alone would be 2 · m · n · r
     assert df.iloc[0]["shape"] == f"{m}x{n}"
     assert df.iloc[0]["singular_values"] == pytest.approx(list(range(r, 0, -1)), rel=1e-5)
-    expected = sum(k * k for k in range(1, r + 1)) / r**2
-    assert df.iloc[0]["stable_rank"] == pytest.approx(expected, rel=1e-5)

@@ -20,7 +20,8 @@ from polar.data import (
 from polar.data.glue import read_glue_tsv
 from polar.data.instruction import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, format_prompt
 
-SHARED_GLUE = Path("/work/shared/data/glue")
+# The shared data live beside the repository (../shared/data from its root), wherever it is cloned.
+SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 
 
 # ------------------------------------------------------------------ instruction files
@@ -139,7 +140,7 @@ def test_glue_metrics():
     assert s["pearson"] > 0.9 and s["spearman"] == pytest.approx(1.0)
 
 
-@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="GLUE TSVs not present at /work/shared/data/glue")
+@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason=f"GLUE TSVs not present at {SHARED_GLUE} (../shared/data/glue from the repository root)")
 @pytest.mark.parametrize("task,folder", [("cola", "CoLA"), ("rte", "RTE"), ("sst2", "SST-2"), ("stsb", "STS-B")])
 def test_real_glue_files(task, folder):
     if not (SHARED_GLUE / folder).is_dir():

@@ -95,8 +95,18 @@ def test_diagonal_theta_and_rank_alpha_patterns():
     delta = q0.delta_weight_linear("default")
     x, y, d = q0.polar_X["default"], q0.polar_Y["default"], q0.polar_theta["default"]
     assert torch.allclose(delta, x @ torch.diag(d) @ y.T, atol=1e-6)
+    # Merging adds exactly s · X diag(θ) Yᵀ (formed densely here, in float64) to every adapted weight.
+    expected = {}
+    for name, layer in layers.items():
+        xs, ys, th = (t.detach().double() for t in (layer.polar_X["default"], layer.polar_Y["default"],
+                                                     layer.polar_theta["default"]))
+        dense = layer.scaling["default"] * (xs * th) @ ys.T
+        expected[name.removeprefix("base_model.model.")] = layer.get_base_layer().weight.detach().double() + dense
+    unmerged_logits = logits(model, ids)
     merged = model.merge_and_unload()
-    assert merged is not None and torch.isfinite(logits(merged, ids)).all()
+    for name, weight in expected.items():
+        torch.testing.assert_close(merged.get_submodule(name).weight.detach().double(), weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(merged, ids), unmerged_logits, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -156,6 +166,46 @@ def test_several_adapters_add_set_delete():
     model.delete_adapter("second")
     assert not any(".second" in n for n, _ in model.named_parameters())
     assert list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_adapter_batch_equals_per_row_single_adapter_outputs(arch, one_thread):
+    model = _polar(arch)
+    model.add_adapter("other", polar.PolarConfig(r=2, target_modules=TARGETS[arch][:1], theta="diagonal"))
+    randomize_theta(model, seed=5)
+    model.eval()
+    ids = sample_input(batch=4)
+    names = ["other", "default", "__base__", "other"]
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=names).logits
+        single = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            single[name] = model(ids).logits
+        with model.disable_adapter():
+            single["__base__"] = model(ids).logits
+    assert not torch.allclose(single["default"], single["other"], atol=1e-3)  # the adapters differ
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], single[name][row], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # generate honours it too (greedy: same tokens as the per-row single-adapter runs)
+        model.set_adapter("default")
+        out = model.generate(input_ids=ids[:2], adapter_names=["default", "__base__"], max_new_tokens=3,
+                             do_sample=False, pad_token_id=0)
+        ref0 = model.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        with model.disable_adapter():
+            ref1 = model.generate(input_ids=ids[1:2], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0], ref0[0]) and torch.equal(out[1], ref1[0])
+    with pytest.raises(ValueError, match="unknown adapter.*'typo'"):
+        model(ids, adapter_names=["typo"] * 4)
+    with pytest.raises(ValueError, match="adapter_names has 3 entries but the batch has 4 rows"):
+        model(ids, adapter_names=names[:3])
+    model.train()
+    with pytest.raises(ValueError, match="is for inference"):
+        model(ids, adapter_names=names)
+    model.eval()
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="while adapters are merged"):
+        model(ids, adapter_names=names)
 
 
 def _save_base_and_adapter(tmp_path, arch="llama", **config_kwargs):

@@ -18,6 +18,7 @@ On disk (``RUN_DIR`` = ``output_dir`` or the Trainer's ``args.output_dir``):
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import statistics
@@ -31,10 +32,11 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 from polar.formats import AdapterFormatError, compile_regex, read_model
+from polar.io import atomic_write_text
 from .report import SPECTRAL_COLUMNS, layer_and_suffix, module_types
 from .spectra import factored_singular_values, dense_singular_values, orthogonality_error, spectrum_stats
 
-__all__ = ["StableRankCallback", "CSV_COLUMNS", "measure"]
+__all__ = ["StableRankCallback", "CSV_COLUMNS", "measure", "truncate_csv"]
 
 CSV_COLUMNS = [
     "step",
@@ -101,6 +103,29 @@ def measure(
     return out
 
 
+def truncate_csv(path: Path, step: int) -> int:
+    """Keep only the rows of ``path`` (a CSV with a ``step`` column) logged before ``step``; returns rows dropped.
+    The file is replaced atomically."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns, rows = reader.fieldnames or CSV_COLUMNS, list(reader)
+    kept = [row for row in rows if _step_of(row) < step]
+    if len(kept) != len(rows):
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(path, buffer.getvalue())
+    return len(rows) - len(kept)
+
+
+def _step_of(row: dict) -> float:
+    try:
+        return float(row.get("step") or 0)
+    except ValueError:
+        return 0.0
+
+
 class StableRankCallback(TrainerCallback):
     """Log stable rank and orthogonality error of every adapted module every ``every_n_steps`` steps.
 
@@ -130,7 +155,6 @@ class StableRankCallback(TrainerCallback):
         if int(every_n_steps) < 1:
             raise ValueError(f"every_n_steps must be ≥ 1, got {every_n_steps!r}")
         if modules is not None:
-
             compile_regex(modules, "StableRankCallback modules")
         self.every_n_steps = int(every_n_steps)
         self.modules = modules
@@ -201,8 +225,13 @@ class StableRankCallback(TrainerCallback):
         self._path = self._csv_path(args)
         self._last_step = None
         self._disabled = False
-        if getattr(state, "is_world_process_zero", True) and state.global_step == 0 and self._path.exists():
-            self._path.unlink()  # a fresh run; a resumed one (global_step > 0) appends
+        if getattr(state, "is_world_process_zero", True) and self._path.exists():
+            if state.global_step == 0:
+                self._path.unlink()  # a fresh run
+            else:
+                # A resumed run restarts at its checkpoint: drop the rows the interrupted run wrote from that step
+                # on (the measurement below records the checkpoint step again), as metrics.csv does.
+                truncate_csv(self._path, state.global_step)
         try:
             self._record(args, state, model)  # fail early and loudly on a model it cannot measure
         except AdapterFormatError as err:

@@ -47,16 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from polar.evaluation import evaluate, format_table
 
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
     batch_size = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     results = evaluate(
         args.adapter_dir,
         tasks=args.tasks,
         num_fewshot=args.num_fewshot,
         batch_size=batch_size,
-        limit=limit,
+        limit=args.limit,
         include_path=args.include_path,
         base_model=args.base_model,
         output=args.output,

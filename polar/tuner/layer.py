@@ -183,30 +183,53 @@ class PolarLinear(nn.Module, PolarLayer):
                 delta = self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
                 self.set_base_weight(weight - delta)
 
+    def _polar_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s · x Y Θᵀ Xᵀ for row inputs ``x``, cost O((in + out) r) per row; ΔW is never formed."""
+        y_factor = self.polar_Y[name]
+        h = self._cast_input_dtype(self.polar_dropout[name](x), y_factor.dtype)
+        h = h @ y_factor
+        theta = self.polar_theta[name]
+        h = h * theta if theta.ndim == 1 else h @ theta.T
+        return (h @ self.polar_X[name].T) * self.scaling[name]
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        """Row i of the batch through adapter ``adapter_names[i]`` only ("__base__": through none)."""
+        if len(adapter_names) != len(x):
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {len(x)} rows; pass one adapter "
+                "name (or '__base__') per row."
+            )
+        if self.merged:
+            raise ValueError("Cannot pass adapter_names while adapters are merged into the base weights; call "
+                             "unmerge_adapter() first.")
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in sorted(set(adapter_names) - {"__base__"}):
+            if name not in self.polar_X:
+                continue  # this layer does not hold that adapter: its rows see the base layer only
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            result[rows] = result[rows] + self._polar_delta(name, x[rows]).to(result.dtype)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             result = self.base_layer(x, *args, **kwargs)
+        elif adapter_names is not None:
+            result = self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         elif self.merged:
             result = self.base_layer(x, *args, **kwargs)
         else:
             result = self.base_layer(x, *args, **kwargs)
             if self.quantization_backend is not None:
                 result = self.quantization_backend.maybe_clone_base_result(result)
-            result_dtype = result.dtype
             for name in self.active_adapters:
-                if name not in self.polar_X:
-                    continue
-                y_factor = self.polar_Y[name]
-                h = self._cast_input_dtype(self.polar_dropout[name](x), y_factor.dtype)
-                # Row inputs: x Y Θᵀ Xᵀ, cost O((in + out) r) per row; ΔW is never formed.
-                h = h @ y_factor
-                theta = self.polar_theta[name]
-                h = h * theta if theta.ndim == 1 else h @ theta.T
-                h = h @ self.polar_X[name].T
-                result = result + (h * self.scaling[name]).to(result_dtype)
+                if name in self.polar_X:
+                    result = result + self._polar_delta(name, x).to(result.dtype)
         return result.to(previous_dtype)
 
     def __repr__(self) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -41,6 +43,39 @@ class PolarModel(BaseTuner):
                 f"{err} PoLAR can adapt linear layers; this model has linear modules named: {', '.join(names)}. "
                 "Pass some of them as target_modules (or 'all-linear')."
             ) from err
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Mixed-adapter batches: ``model(..., adapter_names=[...])`` sends row i through adapter
+        ``adapter_names[i]`` ("__base__": no adapter), as PEFT's LoRA does. PeftModel calls this around forward
+        and generate; the names reach every PoLAR layer through a forward pre-hook."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names (mixed-adapter batches) is for inference: call model.eval() first.")
+        adapter_names = list(adapter_names)
+        known = {name for _, layer in iter_polar_layers(self.model) for name in layer.polar_X}
+        unknown = sorted(set(adapter_names) - known - {"__base__"})
+        if unknown:
+            raise ValueError(
+                f"adapter_names holds unknown adapter(s) {', '.join(map(repr, unknown))}; this model holds "
+                f"{', '.join(map(repr, sorted(known)))} (and '__base__' for no adapter)."
+            )
+        num_beams = kwargs.get("num_beams") or getattr(kwargs.get("generation_config"), "num_beams", None) or 1
+        if num_beams > 1:  # generate() repeats every row num_beams times (repeat_interleave); so do the names
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = [
+            layer.register_forward_pre_hook(partial(_inject_adapter_names, adapter_names=adapter_names),
+                                            with_kwargs=True)
+            for _, layer in iter_polar_layers(self.model)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
@@ -106,6 +141,10 @@ class PolarModel(BaseTuner):
         return PolarLinear(
             target, adapter_name, r=r, alpha=alpha, config=config, fan_in_fan_out=fan_in_fan_out, module_name=module_name
         )
+
+
+def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
+    return args, {**kwargs, "adapter_names": adapter_names}
 
 
 def iter_polar_layers(model: nn.Module) -> Iterator[tuple[str, PolarLayer]]:
