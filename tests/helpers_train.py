@@ -150,3 +150,59 @@ MC_DOCS = [
     {"question": "is fire cold?", "choices": ["yes", "no"], "label": 1},
     {"question": "is the cat on the mat?", "choices": ["yes", "no"], "label": 0},
 ]
+
+
+def mc_accuracy(base_dir: str | Path, adapter_dir: str | Path, docs: list[dict]) -> float:
+    """Accuracy on ``write_mc_task``'s task computed without lm-eval: base + adapter loaded with PEFT, each choice
+    scored by the summed log-probability of its tokens after ``"Question: <q> Answer:"`` (the target delimiter is a
+    space), the highest-scoring choice predicted (the first on ties)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import polar  # noqa: F401  (registers PoLAR)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter_dir)).eval()
+    correct = 0
+    for doc in docs:
+        context = f"Question: {doc['question']} Answer:"
+        context_ids = tokenizer(context, add_special_tokens=False).input_ids
+        scores = []
+        for choice in doc["choices"]:
+            ids = tokenizer(f"{context} {choice}", add_special_tokens=False).input_ids
+            assert ids[: len(context_ids)] == context_ids
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+            scores.append(sum(float(logprobs[i - 1, ids[i]]) for i in range(len(context_ids), len(ids))))
+        correct += int(max(range(len(scores)), key=lambda i: (scores[i], -i)) == doc["label"])
+    return correct / len(docs)
+
+
+def glue_accuracy(adapter_dir: str | Path, dev_tsv: str | Path, labels: list[str], cutoff: int = 512) -> float:
+    """Dev accuracy of a classification adapter computed without polar.evaluate: the base named in its
+    adapter_config.json plus the adapter loaded with PEFT, each TSV row (``sentence`` or ``sentence1`` /
+    ``sentence2``, ``label``) tokenised and classified one at a time. ``labels``: label strings by class index."""
+    import csv
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import polar  # noqa: F401  (registers PoLAR)
+
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        config["base_model_name_or_path"], num_labels=len(labels), ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with open(dev_tsv, newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    correct = 0
+    for row in rows:
+        texts = (row["sentence"],) if "sentence" in row else (row["sentence1"], row["sentence2"])
+        enc = tokenizer(*texts, truncation=True, max_length=cutoff, return_tensors="pt")
+        with torch.no_grad():
+            pred = int(model(**enc).logits.argmax(-1))
+        correct += int(labels[pred] == row["label"])
+    return correct / len(rows)

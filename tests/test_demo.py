@@ -6,6 +6,8 @@ import importlib.util
 
 import pytest
 
+from helpers_train import glue_accuracy
+
 from polar.demo_task import make_sentence, write_demo_task
 
 
@@ -67,8 +69,10 @@ def test_miniature_demo_writes_report(tmp_path):
     result = run_demo(settings)
     rows = {row["name"]: row for row in result["rows"]}
     assert set(rows) == {"lora", "polar", "polar, λ=1"}
-    for row in rows.values():
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["median_stable_rank"] >= 1.0 and row["seconds_per_step"] > 0
+    dev = tmp_path / "demo" / "data" / "dev.tsv"
+    for row in rows.values():  # the report's accuracy is that of the saved adapter, recomputed here with PEFT
+        assert row["accuracy"] == pytest.approx(glue_accuracy(row["run_dir"], dev, ["0", "1"], cutoff=16))
+        assert 1.0 <= row["median_stable_rank"] <= 2.0 and row["seconds_per_step"] > 0
     assert rows["polar"]["orth_error_max"] < 1.0
     assert rows["polar, λ=1"]["landing_lambda"] == 1.0 and rows["polar"]["landing_lambda"] == 5e-3
     report = (tmp_path / "demo" / "report.md").read_text()

@@ -11,10 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 
-from helpers_train import ALPACA_RECORDS, MC_DOCS, save_tiny_llama, write_jsonl, write_mc_task  # noqa: E402
+from helpers_train import (  # noqa: E402
+    ALPACA_RECORDS,
+    MC_DOCS,
+    mc_accuracy,
+    save_tiny_llama,
+    write_jsonl,
+    write_mc_task,
+)
 
 from polar.cli import main  # noqa: E402
 
@@ -77,32 +85,41 @@ def test_train_then_eval(assets, adapter, capsys):
     assert "tiny_mc" in printed and "acc" in printed
     results = json.loads(results_path.read_text())
     assert results["base_model"] == assets["llama"] and results["kind"] == "lm-eval"
-    acc = results["results"]["tiny_mc"]["acc"]
-    assert 0.0 <= acc <= 1.0
+    # lm-eval's accuracy equals the same scoring done independently with PEFT (the adapter really is applied)
+    assert results["results"]["tiny_mc"]["acc"] == pytest.approx(mc_accuracy(assets["llama"], out, MC_DOCS))
     assert not list(assets["root"].glob(".results-*.tmp*"))  # atomic write left no temp file
 
 
-def test_eval_uses_the_adapter(assets):
-    """The PoLAR adapter really is loaded by lm-eval: a perturbed Θ changes the log-likelihoods."""
+def test_eval_uses_the_adapter(assets, tmp_path):
+    """lm-eval really applies the PoLAR adapter: on a 12-question task its accuracy equals an independent PEFT
+    scoring both for Θ = 0 (the base model) and for a large random Θ, whose accuracies differ."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
 
+    import polar
     from polar.evaluation import evaluate
 
-    src = assets["root"] / "run-polar"
-    if not src.is_dir():
-        pytest.skip("needs the polar run of test_train_then_eval")
-    import shutil
-
-    dst = assets["root"] / "run-polar-perturbed"
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    weights = load_file(str(dst / "adapter_model.safetensors"))
-    weights = {k: (v + 50.0 * torch.randn_like(v) if k.endswith("polar_theta") else v) for k, v in weights.items()}
-    save_file(weights, str(dst / "adapter_model.safetensors"))
-    kwargs = dict(tasks="tiny_mc", include_path=assets["tasks"], batch_size=2)
-    a = evaluate(src, output=assets["root"] / "a.json", **kwargs)
-    b = evaluate(dst, output=assets["root"] / "b.json", **kwargs)
-    assert a["results"]["tiny_mc"] != b["results"]["tiny_mc"] or a["results"] != b["results"]
+    words = "sky fire cat dog mat park man person a b c d".split()
+    docs = [{"question": f"is the {w} blue?", "choices": ["yes", "no", words[(i + 3) % 12]], "label": i % 3}
+            for i, w in enumerate(words)]
+    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    tasks = write_mc_task(tmp_path / "tasks", tmp_path / "docs.json", name="tiny_mc12")
+    accuracy = {}
+    for name, scale in (("zero", 0.0), ("random", 30.0)):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(assets["llama"]),
+                               polar.PolarConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if "polar_theta" in pname:
+                    param.copy_(scale * torch.randn(param.shape))
+        model.save_pretrained(tmp_path / name)
+        result = evaluate(tmp_path / name, tasks="tiny_mc12", include_path=str(tasks), batch_size=4,
+                          output=tmp_path / f"{name}.json")
+        accuracy[name] = mc_accuracy(assets["llama"], tmp_path / name, docs)
+        assert result["results"]["tiny_mc12"]["acc"] == pytest.approx(accuracy[name])
+    assert accuracy["zero"] != accuracy["random"]  # so the equalities above tell base and adapter apart
 
 
 def test_refuse_overwrite_resume(assets, capsys):
@@ -133,6 +150,55 @@ def test_refuse_overwrite_resume(assets, capsys):
     # resume with nothing to resume
     assert main([*_train_args(assets, assets["root"] / "empty-run"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_resume_continues_identically(assets, tmp_path):
+    """Interrupted at a checkpoint and resumed, a run ends with the same adapter, losses and stable-rank rows as
+    the uninterrupted run (same data order, optimiser and scheduler state)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = _train_args(assets, out, "polar", "--track-every", "1")
+    args[args.index("--max-steps") + 1] = "4"
+    assert main(args) == 0
+    full_weights = load_file(str(out / "adapter_model.safetensors"))
+    full_losses = {int(r["step"]): float(r["loss"]) for r in _csv(out / "metrics.csv") if r["loss"]}
+    full_ranks = _csv(out / "stable_rank.csv")
+    assert sorted(full_losses) == [1, 2, 3, 4] and sorted({int(r["step"]) for r in full_ranks}) == [0, 1, 2, 3, 4]
+
+    assert main([*args, "--resume", str(out / "checkpoint-2")]) == 0  # as if it had died after step 2
+    resumed = load_file(str(out / "adapter_model.safetensors"))
+    assert set(resumed) == set(full_weights)
+    for key, tensor in full_weights.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=1e-6, atol=1e-7)
+    losses = {int(r["step"]): float(r["loss"]) for r in _csv(out / "metrics.csv") if r["loss"]}
+    assert sorted(losses) == [1, 2, 3, 4]  # rows past the checkpoint replaced, not duplicated
+    assert losses == pytest.approx(full_losses, rel=1e-6)
+    ranks = _csv(out / "stable_rank.csv")
+    assert [(r["step"], r["module"]) for r in ranks] == [(r["step"], r["module"]) for r in full_ranks]
+    sr = [float(r["stable_rank"] or "nan") for r in ranks]  # NaN at step 0, where ΔW = 0
+    assert sr == pytest.approx([float(r["stable_rank"] or "nan") for r in full_ranks], rel=1e-5, nan_ok=True)
+
+
+def test_fp16_on_cpu_is_refused_and_a_failed_start_leaves_no_folder(assets, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid with a CUDA GPU")
+    out = tmp_path / "fp16"
+    assert main([*_train_args(assets, out), "--fp16"]) == 2
+    assert "--fp16 needs a CUDA GPU" in capsys.readouterr().err
+    assert not out.exists()
+    # a run that fails after the Trainer is set up but before training (here: a missing tokenizer) leaves nothing
+    broken = tmp_path / "no-tokenizer"
+    broken.mkdir()
+    for f in Path(assets["llama"]).glob("*"):
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    args = _train_args(assets, tmp_path / "run")
+    args[args.index("--model") + 1] = str(broken)
+    assert main(args) == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_input(assets, capsys):
@@ -173,6 +239,7 @@ def test_offline_model_id(assets, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cannot load model 'some-org/not-downloaded-model'" in proc.stderr
     assert "--model DIR" in proc.stderr
+    assert not (tmp_path / "o").exists()  # a failed start leaves no empty output folder
 
 
 def test_bf16_gradient_checkpointing_grad_accum(assets):

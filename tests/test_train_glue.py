@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from helpers_train import save_tiny_bert, write_rte_folder
+from helpers_train import glue_accuracy, save_tiny_bert, write_rte_folder
 
 from polar.cli import main
 
@@ -42,7 +42,18 @@ def test_glue_rte_train_eval(bert, tmp_path, adapter, capsys):
     assert "glue:rte" in printed and "accuracy" in printed
     results = json.loads((out / "eval_results.json").read_text())
     metrics = results["results"]["glue:rte"]
-    assert results["kind"] == "glue" and metrics["num_examples"] == 8 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert results["kind"] == "glue" and metrics["num_examples"] == 8
+    assert metrics["accuracy"] == pytest.approx(glue_accuracy(out, data / "dev.tsv", ["entailment", "not_entailment"]))
+    # --limit: a count takes the first N dev examples, a fraction the first ceil(f · n); others are refused
+    assert main(["eval", str(out), "--limit", "0.3", "--output", str(tmp_path / "frac.json")]) == 0
+    assert json.loads((tmp_path / "frac.json").read_text())["results"]["glue:rte"]["num_examples"] == 3
+    assert main(["eval", str(out), "--limit", "5", "--output", str(tmp_path / "five.json")]) == 0
+    assert json.loads((tmp_path / "five.json").read_text())["results"]["glue:rte"]["num_examples"] == 5
+    capsys.readouterr()
+    for bad in ("2.5", "0", "-1"):
+        assert main(["eval", str(out), "--limit", bad, "--output", str(tmp_path / "bad.json")]) == 2
+        assert "--limit" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_glue_stsb_regression(bert, tmp_path):
@@ -59,4 +70,22 @@ def test_glue_stsb_regression(bert, tmp_path):
                  str(out), "--max-steps", "2", "--batch-size", "4", "--r", "4", "--target-modules", "query,value"]) == 0
     assert main(["eval", str(out), "--output", str(tmp_path / "r.json")]) == 0
     metrics = json.loads((tmp_path / "r.json").read_text())["results"]["glue:stsb"]
-    assert set(metrics) >= {"pearson", "spearman"}
+    # the correlations equal those of predictions made here with PEFT directly (continuous scores: a check that
+    # fails if evaluation scored anything but this adapter on these pairs)
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from scipy.stats import spearmanr
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    base = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=1, problem_type="regression",
+                                                              ignore_mismatched_sizes=True)  # a fresh 1-output head
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    pairs = [r.split("\t") for r in rows * 2]
+    with torch.no_grad():
+        preds = [float(model(**tokenizer(a, b, return_tensors="pt")).logits[0, 0]) for a, b, _ in pairs]
+    gold = [float(score) for _, _, score in pairs]
+    assert len(set(np.round(preds, 6))) > 1
+    assert metrics["pearson"] == pytest.approx(float(np.corrcoef(preds, gold)[0, 1]), rel=1e-4, abs=1e-5)
+    assert metrics["spearman"] == pytest.approx(float(spearmanr(preds, gold)[0]), rel=1e-4, abs=1e-5)
