@@ -7,7 +7,7 @@ for PoLAR, ‖XᵀX − I‖_F and ‖YᵀY − I‖_F. Cost per measurement: O(
 On disk (``RUN_DIR`` = ``output_dir`` or the Trainer's ``args.output_dir``):
 
 * ``RUN_DIR/stable_rank.csv`` — one row per (step, module), columns :data:`CSV_COLUMNS`; rows are appended as
-  training goes (a fresh run truncates the file, a resumed one appends).
+  training goes (a fresh run truncates the file; a resumed one drops the rows from its checkpoint step on).
 * ``trainer_state.json`` (the Trainer's ``log_history``) gets one entry per measurement:
   ``{"step": s, "polar/stable_rank_median": ..., "polar/stable_rank_mean": ..., "polar/stable_rank_min": ...,
   "polar/stable_rank_max": ..., "polar/orth_error_max": ...}`` (no ``loss`` key).
