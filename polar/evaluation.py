@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import polar  # noqa: F401  (registers PoLAR with PEFT before any adapter is loaded)
 from polar.formats import adapter_kind, read_adapter_config
+from polar.loading import is_connection_error, load_model_and_tokenizer, model_source, offline_model_error
+from polar.loading import package_versions
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 RESULTS_NAME = "eval_results.json"
@@ -109,7 +111,6 @@ def evaluate(
         results = _evaluate_lm(adapter_dir, base, task_list, num_fewshot, batch_size, limit, include_path, device,
                                dtype, trust_remote_code, seed)
     from polar.io import atomic_write_json
-    from polar.training import package_versions
 
     if results.pop("main_process", True) is False:
         return {"adapter": str(adapter_dir), "base_model": base, "tasks": task_list, **results, "output": None}
@@ -211,13 +212,11 @@ def _evaluate_lm(adapter_dir: Path, base: str, tasks: list[str], num_fewshot: in
         )
     tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     try:
-        lm = HFLM(pretrained=base, peft=str(adapter_dir), tokenizer=tokenizer_source, batch_size=batch_size,
-                  device=device, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+        lm = HFLM(pretrained=model_source(base), peft=str(adapter_dir), tokenizer=tokenizer_source,
+                  batch_size=batch_size, device=device, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     except OSError as err:
         if not Path(base).is_dir():
-            from polar.training import _offline_model_error
-
-            raise _offline_model_error(base, err) from err
+            raise offline_model_error(base, err) from err
         raise
     try:
         raw = lm_eval.simple_evaluate(
@@ -225,9 +224,7 @@ def _evaluate_lm(adapter_dir: Path, base: str, tasks: list[str], num_fewshot: in
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
     except Exception as err:  # noqa: BLE001 - offline dataset download, re-raised with advice
-        from polar.data.hub import _is_connection_error
-
-        if _is_connection_error(err):
+        if is_connection_error(err):
             raise FileNotFoundError(
                 f"cannot download the evaluation data of {', '.join(tasks)} ({err}); offline, write a task YAML "
                 "that includes the task and points it at a local copy (dataset_path: json, dataset_kwargs: "
@@ -264,19 +261,14 @@ def _evaluate_glue(adapter_dir: Path, base: str, task: str, data_dir: Any, batch
     from peft import PeftModel
 
     from polar.data import ClassificationDataset, glue_metrics, glue_task, load_glue
-    from polar.training import load_model, load_tokenizer
 
     gtask = glue_task(task)
     label_kwargs: dict[str, Any] = {"num_labels": gtask.num_labels}
     if gtask.is_regression:
         label_kwargs["problem_type"] = "regression"
     tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
-    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(base, "seq-cls", None, trust_remote_code, **label_kwargs)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = load_model_and_tokenizer(base, "seq-cls", None, trust_remote_code,
+                                                tokenizer_source=tokenizer_source, **label_kwargs)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.to(device).eval()
     bs = int(batch_size) if str(batch_size).isdigit() else 32

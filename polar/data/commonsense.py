@@ -90,9 +90,9 @@ def load_lm_eval_task(
 
             return get_task_dict([task], manager)[task]
         except Exception as err:  # noqa: BLE001 - offline hub access
-            from polar.data.hub import _is_connection_error
+            from polar.loading import is_connection_error
 
-            if _is_connection_error(err) or isinstance(err, (ConnectionError, OSError)):
+            if is_connection_error(err) or isinstance(err, (ConnectionError, OSError)):
                 raise FileNotFoundError(
                     f"cannot download the training docs of lm-eval task {task!r} (offline or unreachable: "
                     f"{type(err).__name__}); pass a local JSON/JSONL copy of its training split with --data-file."

@@ -17,7 +17,6 @@ from torch import nn
 
 from .deltas import AdapterSource, ModuleDelta
 from .files import (
-    ADAPTER_CONFIG,
     ADAPTER_WEIGHT_FILES,
     EXPECTED,
     STATE_DICT_SUFFIXES,

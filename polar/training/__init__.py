@@ -1,0 +1,57 @@
+"""``polar.train``: fine-tune a model with a PoLAR (or LoRA / DoRA baseline) adapter on transformers' Trainer.
+
+The same code runs on a laptop CPU and under ``torchrun --nproc_per_node N`` / ``accelerate launch`` (DDP): every
+file in the output folder is written by the main process only.
+
+* :mod:`.settings` — :class:`TrainSettings`, :func:`resolve_settings`, the optimiser options they imply;
+* :mod:`.folder` — refusing, resuming and clearing run folders;
+* :mod:`.setup` — precision, batch arithmetic, TrainingArguments, model + data + adapter, the Trainer class;
+* :mod:`.callbacks` — ``metrics.csv`` and the progress bar;
+* :mod:`.run` — :func:`train`, the orchestration.
+
+Model loading, offline errors and version recording live in :mod:`polar.loading` (shared with evaluation).
+
+Output folder::
+
+    adapter_config.json, adapter_model.safetensors   the adapter in PEFT format (+ classifier head, if any)
+    tokenizer files
+    run.json                                         every setting, resolved values, package versions, seed
+    metrics.csv                                      step, epoch, loss, learning_rate, grad_norm, orth_error, ...
+    stable_rank.csv                                  with track_every
+    checkpoint-<step>/                               resumable checkpoints (``resume=True``)
+"""
+
+from .folder import RUN_MARKERS, check_output_dir, clear_run, last_checkpoint, run_in_folder
+from .run import train
+from .settings import (
+    ADAPTERS,
+    DEFAULT_LR,
+    RECIPE_KEYS,
+    SCHEDULERS,
+    SETTING_NAMES,
+    TrainSettings,
+    describe_optimizer,
+    optimizer_options,
+    resolve_settings,
+)
+from .setup import build_peft_config, orthogonality_error
+
+__all__ = [
+    "ADAPTERS",
+    "DEFAULT_LR",
+    "RECIPE_KEYS",
+    "RUN_MARKERS",
+    "SCHEDULERS",
+    "SETTING_NAMES",
+    "TrainSettings",
+    "build_peft_config",
+    "check_output_dir",
+    "clear_run",
+    "describe_optimizer",
+    "last_checkpoint",
+    "optimizer_options",
+    "orthogonality_error",
+    "resolve_settings",
+    "run_in_folder",
+    "train",
+]
