@@ -85,7 +85,7 @@ def export_lora(
     if not modules:
         raise ValueError(f"{model_or_adapter_dir} holds no PoLAR tensors ({', '.join(POLAR_SUFFIXES)}).")
 
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
     lora_state = dict(passthrough)
     lora_rank_pattern: dict[str, int] = {}
     for module, tensors in sorted(modules.items()):
