@@ -104,7 +104,7 @@ def test_callback_on_lora_with_module_filter(runs):
     assert df[df["step"] == 5]["stable_rank"].notna().all()
 
 
-def test_callback_resume_appends(tmp_path):
+def test_callback_resume_drops_rows_from_the_checkpoint_step(tmp_path):
     model = get_peft_model(tiny_llama(1), polar.PolarConfig(r=2, alpha=4, target_modules=["q_proj"]))
     cb = StableRankCallback(every_n_steps=1, output_dir=tmp_path / "run", filename="sr.csv")
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "ignored"), report_to="none", use_cpu=True)
@@ -115,10 +115,14 @@ def test_callback_resume_appends(tmp_path):
     cb.on_step_end(args, state, control, model=model)
     assert len(pd.read_csv(tmp_path / "run" / "sr.csv")) == 4
     resumed = StableRankCallback(every_n_steps=1, output_dir=tmp_path / "run", filename="sr.csv")
-    resumed.on_train_begin(args, state, control, model=model)  # global_step 1: a resumed run appends
+    state.global_step = 2
+    cb.on_step_end(args, state, control, model=model)  # the interrupted run got to step 2 ...
+    state.global_step = 1  # ... but its checkpoint is at step 1: the resumed run restarts there
+    resumed.on_train_begin(args, state, control, model=model)
+    assert pd.read_csv(tmp_path / "run" / "sr.csv")["step"].tolist() == [0, 0, 1, 1]  # step 1 measured again
     state.global_step = 2
     resumed.on_step_end(args, state, control, model=model)
-    assert pd.read_csv(tmp_path / "run" / "sr.csv")["step"].tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert pd.read_csv(tmp_path / "run" / "sr.csv")["step"].tolist() == [0, 0, 1, 1, 2, 2]  # no duplicates
     with pytest.raises(ValueError, match="every_n_steps"):
         StableRankCallback(every_n_steps=0)
 
