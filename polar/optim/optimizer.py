@@ -55,7 +55,7 @@ VALID_RETRACTIONS = ("polar", "qr", "newton_schulz")
 VALID_ROLES = (None, "stiefel", "theta")
 # What make_optimizer / polar train use when nothing is given (BENCHMARKS.md, "Keeping the factors on the
 # manifold", has the runs behind this choice). The reference's setting is mode="landing" with λ = 5e-3.
-DEFAULT_MODE = "landing"
+DEFAULT_MODE = "riemannian"
 DEFAULT_RETRACTION = "polar"
 DEFAULT_LAMBDA = 5e-3  # the reference's λ, for the modes that use one
 # Modes whose direction contains λ; in the others a λ would be accepted and ignored, so it is refused.
