@@ -58,7 +58,8 @@ def build(theta: str = "full", drift: float = 0.0, **_: object):
 
     import polar
 
-    config = polar.PolarConfig(r=R, alpha=8, target_modules=TARGETS["llama"], theta=theta, landing_lambda=LAMBDA)
+    config = polar.PolarConfig(r=R, alpha=8, target_modules=TARGETS["llama"], theta=theta, landing_lambda=LAMBDA,
+                                optimizer_mode="landing")
     model = peft.get_peft_model(tiny_llama(0), config)
     randomize_theta(model, seed=2, scale=0.1)  # Θ ≠ 0 so that X and Y get gradients from the first step
     if drift:

@@ -34,13 +34,19 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
            "--cutoff", "16", "--track-every", "1", *common]
     assert bench.main([*run, "--adapters", "lora,polar"]) == 0
     assert bench.main([*run, "--adapters", "polar", "--landing-lambda", "1"]) == 0
+    assert bench.main([*run, "--adapters", "polar", "--optimizer-mode", "riemannian"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["cell"] for r in rows] == [
         "rte-lora-r2-lr0.001-s0-2steps",
         "rte-polar-r2-lr0.002-s0-2steps",
         "rte-polar-r2-lr0.002-lam1-s0-2steps",
+        "rte-polar-r2-lr0.002-riemannian-polar-s0-2steps",
     ]
-    assert [r["landing_lambda"] for r in rows] == [None, 5e-3, 1.0]
+    assert [r["landing_lambda"] for r in rows] == [None, 5e-3, 1.0, None]
+    assert [r["optimizer_mode"] for r in rows] == [None, "landing", "landing", "riemannian"]
+    # per-step peaks recorded for every PoLAR cell; the default mode keeps them at rounding level
+    assert rows[0]["peak_orth_error"] is None and all(r["peak_orth_error"] is not None for r in rows[1:])
+    assert rows[3]["peak_orth_error"] < 1e-5 and rows[3]["final_orth_error"] < 1e-5
     for row in rows:
         assert row["metric"] == "accuracy"  # the recorded value is the cell's adapter's, recomputed here with PEFT
         assert row["value"] == pytest.approx(glue_accuracy(tmp_path / "runs" / row["cell"], tmp_path / "data" / "RTE" /
@@ -55,7 +61,7 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
 
     verify = ["verify", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results.jsonl")]
     assert bench.main(verify) == 0
-    assert "3 cells recomputed from their adapters, 0 differ" in capsys.readouterr().out
+    assert "4 cells recomputed from their adapters, 0 differ" in capsys.readouterr().out
 
     rows[1]["stable_ranks"][0] += 0.01
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -64,8 +70,9 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
 
     assert bench.main(["report", "--results", str(tmp_path / "results.jsonl")]) == 0
     table = capsys.readouterr().out
-    assert "| rte (accuracy) | 2 | polar | 0.002 | 1 | 2 | 1 |" in table
-    assert "| rte (accuracy) | 2 | polar | 0.002 | 0.005 | 2 | 1 |" in table
+    assert "| rte (accuracy) | 2 | polar | landing λ=1 | 0.002 | 2 | 1 |" in table
+    assert "| rte (accuracy) | 2 | polar | landing λ=0.005 | 0.002 | 2 | 1 |" in table
+    assert "| rte (accuracy) | 2 | polar | riemannian (polar) | 0.002 | 2 | 1 |" in table
 
     assert bench.main(["report", "--curves", "--results", str(tmp_path / "results.jsonl"),
                        "--runs", str(tmp_path / "runs")]) == 0

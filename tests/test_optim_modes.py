@@ -5,12 +5,14 @@ the riemannian mode (Stiefel Adam), the Newton–Schulz retraction, the safe ste
 from __future__ import annotations
 
 import copy
+import warnings
 
 import peft
 import pytest
 import torch
 import transformers
 
+import polar
 from polar import PolarConfig
 from polar.optim import LandingAdamW, make_optimizer, orthogonality_error
 from polar.optim.landing import retract_newton_schulz, safe_fraction, safe_step_size, landing_field
@@ -226,7 +228,7 @@ def _toy_from(X0: torch.Tensor, Y0: torch.Tensor, steps: int, lr: float, **opt_k
     opt = LandingAdamW(
         [dict(params=[X], polar_role="stiefel", polar_factor="X", polar_block=0),
          dict(params=[Y], polar_role="stiefel", polar_factor="Y", polar_block=0),
-         dict(params=[T], polar_role="theta", polar_block=0)], lr=lr, landing_lambda=5e-3, **opt_kw)
+         dict(params=[T], polar_role="theta", polar_block=0)], lr=lr, mode="landing", landing_lambda=5e-3, **opt_kw)
     errs = []
     for _ in range(steps):
         loss = ((X @ T @ Y.T - M) ** 2).mean()
@@ -253,7 +255,7 @@ def test_safe_step_still_learns() -> None:
     for safe in (False, True):
         model = _model(r=8)
         start = _factor_snapshot(model)
-        opt = make_optimizer(model, lr=4e-3, safe_step=safe)
+        opt = make_optimizer(model, lr=4e-3, mode="landing", safe_step=safe)
         losses = _train(model, opt, 60)
         moved[safe], final[safe] = _distance(_factor_snapshot(model), start), losses[-1]
         assert _max_orth(model) <= 0.5 + 1e-5 or not safe
@@ -401,3 +403,25 @@ def test_drift_advice_names_what_to_change_for_the_mode_in_use() -> None:
 def test_lambda_with_a_mode_that_ignores_it_is_refused() -> None:
     with pytest.raises(ValueError, match="no effect with mode='riemannian'"):
         make_optimizer(_model(), lr=1e-3, mode="riemannian", landing_lambda=1.0)
+
+
+def test_riemannian_mode_warns_when_the_factors_start_off_the_manifold() -> None:
+    """A retraction from off the manifold would change ΔW: warn once, naming the exact fix; after
+    polar.reorthonormalize (Θ absorbs the change) the same start is silent."""
+    for fixed in (False, True):
+        model = _model()
+        with torch.no_grad():
+            next(iter(_triples(model)))[0].mul_(1.2)  # XᵀX = 1.44 I: ‖XᵀX − I‖_F = 0.44 · √4
+        if fixed:
+            polar.reorthonormalize(model)
+        opt = make_optimizer(model, lr=1e-3)
+        _loss(model, 0).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if fixed:
+            assert messages == []
+        else:
+            assert len(messages) == 1 and "start 0.88 away from the manifold" in messages[0]
+            assert "polar.reorthonormalize(model)" in messages[0]

@@ -74,7 +74,7 @@ def _max_orth(model, adapter: str = "default") -> float:
 
 # --------------------------------------------------------------------------------------------- construction
 def test_groups_and_roles() -> None:
-    model = _model(landing_lambda=0.02)
+    model = _model(landing_lambda=0.02, optimizer_mode="landing")
     opt = make_optimizer(model, lr=1e-2, weight_decay=0.1)
     assert polar.make_optimizer is make_optimizer and isinstance(opt, LandingAdamW)
     by_role = {(g["polar_role"], g["polar_factor"]): g for g in opt.param_groups}
@@ -220,8 +220,8 @@ def test_grad_scaler_unscales_before_the_landing_transform(fused: bool) -> None:
     """The normal term does not scale with the loss scale, so AMP must unscale first: fused AdamW would otherwise
     let GradScaler defer the unscaling into the kernel, after our transform."""
     a, b = _model(), _model()
-    opt_a = make_optimizer(a, lr=1e-2, landing_lambda=1.0, fused=fused)
-    opt_b = make_optimizer(b, lr=1e-2, landing_lambda=1.0, fused=fused)
+    opt_a = make_optimizer(a, lr=1e-2, mode="landing", landing_lambda=1.0, fused=fused)
+    opt_b = make_optimizer(b, lr=1e-2, mode="landing", landing_lambda=1.0, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     ids = _batch(0)
     scaler.scale(a(input_ids=ids, labels=ids).loss).backward()
@@ -264,7 +264,7 @@ class _RecordingAdamW(LandingAdamW):
 
 def test_batched_by_shape_and_all_grams_flow_through_the_hook() -> None:
     model = _model()  # X shapes: (64,4) ×6, (128,4) ×2; Y shapes: (64,4) ×6, (128,4) ×2 → 2 buckets
-    opt = make_optimizer(model, lr=1e-2, optimizer_cls=_RecordingAdamW, safe_step=True)
+    opt = make_optimizer(model, lr=1e-2, optimizer_cls=_RecordingAdamW, mode="landing", safe_step=True)
     _train(model, opt, 1)
     gram_calls = [c for c in opt.calls if "xtx" in c and "gtx" in c]
     assert sorted(gram_calls, key=lambda c: c["xtx"]) == [
@@ -275,7 +275,7 @@ def test_batched_by_shape_and_all_grams_flow_through_the_hook() -> None:
     assert sorted(k for c in opt.calls for k in c if k in ("xtd", "dtd")) == ["dtd"] * 2 + ["xtd"] * 2
     # the reduced values are what is used: faking them turns landing into plain AdamW on G
     a, b = _model(), _model()
-    opt_a = make_optimizer(a, lr=1e-2, optimizer_cls=_RecordingAdamW)
+    opt_a = make_optimizer(a, lr=1e-2, optimizer_cls=_RecordingAdamW, mode="landing")
     opt_a.fake = True
     opt_b = make_optimizer(b, lr=1e-2, mode="euclidean")
     _train(a, opt_a, 2)
@@ -299,7 +299,7 @@ def test_chunked_buckets_give_the_same_step(mode: str) -> None:
 
 def test_orthogonality_report() -> None:
     model = _model()
-    opt = make_optimizer(model, lr=2e-2, landing_lambda=0.0)
+    opt = make_optimizer(model, lr=2e-2, mode="landing", landing_lambda=0.0)
     rep0 = opt.orthogonality_report()
     assert rep0["count"] == 16 and rep0["max"] < 1e-5
     _train(model, opt, 5)
@@ -322,7 +322,7 @@ def _toy(lam: float, steps: int = 300, lr: float = 4e-3, **opt_kw):
         [dict(params=[X], polar_role="stiefel", polar_factor="X", polar_block=0),
          dict(params=[Y], polar_role="stiefel", polar_factor="Y", polar_block=0),
          dict(params=[T], polar_role="theta", polar_block=0)],
-        lr=lr, landing_lambda=lam, **opt_kw,
+        lr=lr, mode="landing", landing_lambda=lam, **opt_kw,
     )
     errs, losses = [], []
     for _ in range(steps):
@@ -371,7 +371,7 @@ def test_stabilize_every_leaves_delta_w_and_logits_unchanged(theta: str) -> None
     ids = _batch(99)
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    opt = make_optimizer(model, lr=0.0, stabilize_every=1)  # lr = 0: only the stabilisation moves anything
+    opt = make_optimizer(model, lr=0.0, mode="landing", stabilize_every=1)  # lr = 0: only the stabilisation moves anything
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     with torch.no_grad():
@@ -411,8 +411,8 @@ def test_reorthonormalize_errors() -> None:
 # --------------------------------------------------------------------------------------------- training loop facts
 def test_gradient_accumulation_equals_one_big_batch() -> None:
     big, acc = _model().double(), _model().double()  # fp64: summation order is the only difference
-    opt_big = make_optimizer(big, lr=1e-2, landing_lambda=0.3)
-    opt_acc = make_optimizer(acc, lr=1e-2, landing_lambda=0.3)
+    opt_big = make_optimizer(big, lr=1e-2, mode="landing", landing_lambda=0.3)
+    opt_acc = make_optimizer(acc, lr=1e-2, mode="landing", landing_lambda=0.3)
     for step in range(2):
         ids = _batch(step, n=8)
         big(input_ids=ids, labels=ids).loss.backward()
@@ -428,7 +428,7 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
 
 
 def test_state_dict_round_trip_resumes_exactly() -> None:
-    kw = dict(lr=1e-2, stabilize_every=3, safe_step=True)
+    kw = dict(lr=1e-2, mode="landing", stabilize_every=3, safe_step=True)
     model = _model()
     opt = make_optimizer(model, **kw)
     _train(model, opt, 2)
@@ -467,8 +467,9 @@ def test_optimizer_survives_pickling() -> None:
 
 
 def test_frozen_adapter_is_untouched() -> None:
-    model = _model(landing_lambda=0.01)
-    model.add_adapter("other", PolarConfig(r=2, alpha=4, target_modules=TARGETS, landing_lambda=0.2))
+    model = _model(landing_lambda=0.01, optimizer_mode="landing")
+    model.add_adapter("other", PolarConfig(r=2, alpha=4, target_modules=TARGETS, landing_lambda=0.2,
+                                           optimizer_mode="landing"))
     model.set_adapter("default")
     assert not any(x.requires_grad for x, _, _ in _factors(model, "other"))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".other" in n or "base_layer" in n}

@@ -35,17 +35,17 @@ COLLECTIVE_TIMEOUT_S = 60
 
 # (name, make_optimizer kwargs): every sharded run must equal the one-process run.
 CONFIGS = [
-    ("landing_chunked", {"landing_lambda": 0.5, "chunk_bytes": CHUNK_BYTES}),
-    ("landing_default_chunks", {"landing_lambda": 0.5}),
+    ("landing_chunked", {"mode": "landing", "landing_lambda": 0.5, "chunk_bytes": CHUNK_BYTES}),
+    ("landing_default_chunks", {"mode": "landing", "landing_lambda": 0.5}),
     ("penalty_chunked", {"mode": "penalty", "landing_lambda": 0.5, "chunk_bytes": CHUNK_BYTES}),
     ("riemannian_chunked", {"mode": "riemannian", "chunk_bytes": CHUNK_BYTES}),
     ("retraction_qr_chunked", {"mode": "retraction", "retraction": "qr", "chunk_bytes": CHUNK_BYTES}),
     ("retraction_polar_chunked", {"mode": "retraction", "retraction": "polar", "chunk_bytes": CHUNK_BYTES}),
     ("retraction_newton_schulz_chunked", {"mode": "retraction", "retraction": "newton_schulz",
                                           "chunk_bytes": CHUNK_BYTES}),
-    ("landing_safe_stabilize_chunked", {"landing_lambda": 0.5, "safe_step": True, "stabilize_every": 2,
+    ("landing_safe_stabilize_chunked", {"mode": "landing", "landing_lambda": 0.5, "safe_step": True, "stabilize_every": 2,
                                         "chunk_bytes": CHUNK_BYTES}),
-    ("landing_stabilize_every_step", {"landing_lambda": 0.5, "stabilize_every": 1}),
+    ("landing_stabilize_every_step", {"mode": "landing", "landing_lambda": 0.5, "stabilize_every": 1}),
 ]
 
 

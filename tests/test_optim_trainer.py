@@ -23,7 +23,8 @@ def _model() -> peft.PeftModel:
         num_attention_heads=4, num_key_value_heads=4,
     )
     base = transformers.LlamaForCausalLM(cfg)
-    return peft.get_peft_model(base, PolarConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], landing_lambda=1.0))
+    return peft.get_peft_model(base, PolarConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], landing_lambda=1.0,
+                                                  optimizer_mode="landing"))
 
 
 def _data(n: int = 32) -> list[dict[str, torch.Tensor]]:

@@ -65,8 +65,11 @@ def test_train_then_eval(assets, adapter, capsys):
     assert run["status"] == "finished" and run["seed"] == 0 and run["global_step"] == 3
     assert run["settings"]["adapter"] == adapter and run["settings"]["response_only_loss"] is True
     assert run["settings"]["learning_rate"] == (4e-3 if adapter == "polar" else 4e-4)
-    if adapter == "polar":
-        assert run["resolved"]["optimizer"].startswith("LandingAdamW mode=")
+    if adapter == "polar":  # the default optimiser: printed at start, recorded in run.json and the adapter config
+        assert run["resolved"]["optimizer"] == "LandingAdamW mode=riemannian retraction=polar"
+        assert "polar train: optimiser: LandingAdamW mode=riemannian retraction=polar" in capsys.readouterr().out
+        assert config["optimizer_mode"] == "riemannian"
+        assert run["peak_orth_error"] < 1e-5 and run["final_orth_error"] < 1e-5
     else:
         assert run["resolved"]["optimizer"] == "adamw"
     assert run["versions"]["torch"] and run["versions"]["peft"]

@@ -23,8 +23,8 @@ def test_glue_rte_train_eval(bert, tmp_path, adapter, capsys):
     out = tmp_path / "run"
     code = main(["train", "--model", bert, "--task", "glue:rte", "--data-dir", str(data), "--adapter", adapter,
                  "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4", "--r", "4", "--alpha", "4",
-                 "--target-modules", "query,value", "--landing-lambda", "1.0", "--lr", "1e-3",
-                 "--weight-decay", "0.01", "--logging-steps", "1"])
+                 "--target-modules", "query,value", "--lr", "1e-3", "--weight-decay", "0.01", "--logging-steps", "1",
+                 *(["--optimizer-mode", "landing", "--landing-lambda", "1.0"] if adapter == "polar" else [])])
     assert code == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "classifier" in config["modules_to_save"]

@@ -90,3 +90,27 @@ def test_loading_errors_and_pad_token(tmp_path):
     bert = save_tiny_bert(tmp_path / "bert")
     model, tokenizer = load_model_and_tokenizer(str(bert), "seq-cls", num_labels=3)
     assert model.config.num_labels == 3 and model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_optimizer_flags_resolve_describe_and_refuse(tmp_path):
+    from polar.training import describe_optimizer, resolve_settings
+    from polar.training.settings import optimizer_options
+
+    base = dict(model="m", task="glue:rte", output_dir=str(tmp_path / "out"))
+    default = resolve_settings(**base)
+    assert optimizer_options(default) == {} and describe_optimizer({}) == "LandingAdamW mode=riemannian retraction=polar"
+    ref = resolve_settings(**base, optimizer_mode="landing", landing_lambda=5e-3, safe_step=True, stabilize_every=50)
+    options = optimizer_options(ref)
+    assert options == {"mode": "landing", "landing_lambda": 5e-3, "safe_step": True, "stabilize_every": 50}
+    assert describe_optimizer(options) == "LandingAdamW mode=landing landing_lambda=0.005 safe_step stabilize_every=50"
+    ns = resolve_settings(**base, optimizer_mode="retraction", retraction="newton_schulz")
+    assert describe_optimizer(optimizer_options(ns)) == "LandingAdamW mode=retraction retraction=newton_schulz"
+    with pytest.raises(ValueError, match="--landing-lambda has no effect with --optimizer-mode riemannian"):
+        resolve_settings(**base, landing_lambda=1.0)
+    with pytest.raises(ValueError, match="--optimizer-mode, --landing-lambda set the PoLAR optimiser; lora trains"):
+        resolve_settings(**base, adapter="lora", optimizer_mode="landing", landing_lambda=1.0)
+    # the paper's recipe keeps the paper's landing field for PoLAR and gives LoRA none of it
+    paper = resolve_settings(**base, recipe="commonsense-llama2")
+    assert (paper.optimizer_mode, paper.landing_lambda) == ("landing", 5e-3)
+    lora = resolve_settings(**base, recipe="commonsense-llama2", adapter="lora")
+    assert (lora.optimizer_mode, lora.landing_lambda, lora.learning_rate) == (None, None, 4e-4)

@@ -13,7 +13,6 @@ from torch import nn
 
 from .sharding import check_model
 from .optimizer import (
-    DEFAULT_LAMBDA,
     DEFAULT_MODE,
     DEFAULT_RETRACTION,
     LAMBDA_MODES,
@@ -120,7 +119,8 @@ def make_optimizer(
                 "for the reference's landing field."
             )
         modes.add(adapter_mode)
-        common = dict(polar_block=block, landing_lambda=lam, mode=adapter_mode, retraction=retraction,
+        lam_option = {"landing_lambda": lam} if adapter_mode in LAMBDA_MODES else {}
+        common = dict(polar_block=block, **lam_option, mode=adapter_mode, retraction=retraction,
                       safe_step=safe_step, stabilize_every=stabilize_every, polar_adapter=adapter)
         groups.append(dict(params=slots["X"], polar_role="stiefel", polar_factor="X", weight_decay=0.0, **common))
         groups.append(dict(params=slots["Y"], polar_role="stiefel", polar_factor="Y", weight_decay=0.0, **common))
@@ -137,7 +137,7 @@ def make_optimizer(
         betas=betas,
         eps=eps,
         weight_decay=weight_decay,
-        landing_lambda=landing_lambda if landing_lambda is not None else DEFAULT_LAMBDA,
+        landing_lambda=None,  # set per group above, for the modes that use it
         mode=modes.pop() if len(modes) == 1 else DEFAULT_MODE,
         retraction=retraction,
         safe_step=safe_step,

@@ -90,7 +90,8 @@ class LandingAdamW(torch.optim.AdamW):
         params: parameters or param groups, as for ``torch.optim.AdamW``. Groups may carry the PoLAR options
             below; :func:`make_optimizer` builds the groups for a PoLAR model.
         lr, betas, eps, weight_decay: AdamW hyper-parameters (defaults for groups that do not set them).
-        landing_lambda: λ of the normal term (reference convention, default 5e-3).
+        landing_lambda: λ of the normal term for ``mode="landing"`` / ``"penalty"`` (reference convention,
+            default 5e-3); refused with the other modes, which do not use it.
         mode: how X and Y are kept orthonormal.
             ``"landing"``: the landing field (with its normal term λ X(XᵀX − I)) into AdamW, no retraction (the
             reference; drift depends on λ against the gradient scale, because Adam rescales every coordinate).
@@ -122,7 +123,7 @@ class LandingAdamW(torch.optim.AdamW):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        landing_lambda: float = DEFAULT_LAMBDA,
+        landing_lambda: Optional[float] = None,
         mode: str = DEFAULT_MODE,
         retraction: str = DEFAULT_RETRACTION,
         safe_step: bool = False,
@@ -130,10 +131,15 @@ class LandingAdamW(torch.optim.AdamW):
         chunk_bytes: Optional[int] = None,
         **adamw_kwargs: Any,
     ) -> None:
+        if landing_lambda is not None and mode not in LAMBDA_MODES:
+            raise ValueError(
+                f"LandingAdamW: landing_lambda={landing_lambda!r} has no effect with mode={mode!r} (only "
+                f"{' and '.join(LAMBDA_MODES)} use λ); drop it, or pass mode='landing' for the landing field."
+            )
         # Must exist before Optimizer.__init__, which calls add_param_group.
         self._polar_defaults = dict(
             _POLAR_DEFAULTS,
-            landing_lambda=landing_lambda,
+            landing_lambda=DEFAULT_LAMBDA if landing_lambda is None else landing_lambda,
             mode=mode,
             retraction=retraction,
             safe_step=safe_step,
@@ -161,7 +167,15 @@ class LandingAdamW(torch.optim.AdamW):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key, value in getattr(self, "_polar_defaults", _POLAR_DEFAULTS).items():
+        defaults = getattr(self, "_polar_defaults", _POLAR_DEFAULTS)
+        mode = param_group.get("mode", defaults["mode"])
+        if "landing_lambda" in param_group and mode not in LAMBDA_MODES and param_group.get("polar_role") == "stiefel":
+            raise ValueError(
+                f"LandingAdamW: a param group sets landing_lambda={param_group['landing_lambda']!r} with "
+                f"mode={mode!r}, which does not use λ (only {' and '.join(LAMBDA_MODES)} do); drop it or set "
+                "mode='landing'."
+            )
+        for key, value in defaults.items():
             param_group.setdefault(key, value)
         super().add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
@@ -349,6 +363,8 @@ class LandingAdamW(torch.optim.AdamW):
                     field = landing_field_from_grams(X, G, xtx, grams["gtx"], 0.0 if mode == "retraction" else lam, out=out)
                 fields.append(field)
             self._last_orth.extend(dists)
+            if mode in ("riemannian", "retraction") and items[0][1]["polar_steps"] == 0:
+                self._check_start_on_manifold(torch.cat(dists), mode, shape)
             if keep_old:
                 entry.update(x_old=torch.cat(x_olds), xtx=torch.cat(xtxs), safe_eps=safe)
             if mode == "euclidean":
@@ -364,6 +380,20 @@ class LandingAdamW(torch.optim.AdamW):
             peak = torch.stack([d.max() for d in self._last_orth]).max().float()
             self._orth_peak = peak if self._orth_peak is None else torch.maximum(self._orth_peak, peak.to(self._orth_peak.device))
         return swapped, post
+
+    @staticmethod
+    def _check_start_on_manifold(dist: torch.Tensor, mode: str, shape: tuple[int, ...]) -> None:
+        # Once, at a group's first step (one device sync): a retraction from far off the manifold moves X to its
+        # polar / QR factor without touching Θ, so ΔW would jump. Factors from PolarConfig's init are on it.
+        worst = float(dist.max())
+        if worst > 1e-3:
+            warnings.warn(
+                f"LandingAdamW(mode={mode!r}): factors of shape {shape} start {worst:.3g} away from the manifold "
+                "(max ‖XᵀX − I‖_F); this mode's retraction will move them onto it and change ΔW. Call "
+                "polar.reorthonormalize(model) before building the optimiser (exact: Θ absorbs the change).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _retract(self, X: torch.Tensor, kind: str, sharding: Optional[shards.RowSharding]) -> torch.Tensor:
         """Map tall ``X`` (stacked, compute dtype) back onto the manifold with the retraction ``kind``."""

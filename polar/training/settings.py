@@ -124,7 +124,8 @@ def check_optimizer_settings(settings: TrainSettings) -> None:
     from polar.optim.optimizer import DEFAULT_MODE, LAMBDA_MODES
 
     flags = {"optimizer_mode": settings.optimizer_mode, "retraction": settings.retraction,
-             "safe_step": settings.safe_step, "stabilize_every": settings.stabilize_every}
+             "safe_step": settings.safe_step, "stabilize_every": settings.stabilize_every,
+             "landing_lambda": settings.landing_lambda}
     given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
     if settings.adapter != "polar":
         if given or settings.optimizer_options:
