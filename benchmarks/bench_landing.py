@@ -125,9 +125,22 @@ def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | No
     xs, ths = make()
     kw = {} if foreach is None else {"foreach": foreach}
     landing = LandingAdamW(
-        [dict(params=xs, polar_role="stiefel"), dict(params=ths, polar_role="theta")], lr=4e-3, **kw
+        [dict(params=xs, polar_role="stiefel"), dict(params=ths, polar_role="theta")], lr=4e-3, mode="landing",
+        **kw,
     )
     plain = torch.optim.AdamW(xs + ths, lr=4e-3, **kw)
+    # The yardsticks, timed in the same interleaved loop: AdamW's three implementations (memory-bound, so their
+    # time swings with load) and an sgemm of the same thread count (the compute peak the transform is held to).
+    adamws = {"AdamW for-loop": torch.optim.AdamW(xs + ths, lr=4e-3, foreach=False),
+              "AdamW foreach": torch.optim.AdamW(xs + ths, lr=4e-3, foreach=True)}
+    if device.type == "cuda" or hasattr(torch, "_fused_adamw_"):
+        adamws["AdamW fused"] = torch.optim.AdamW(xs + ths, lr=4e-3, fused=True)
+    size = 2048
+    A, B = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    riemannian = LandingAdamW(
+        [dict(params=xs, polar_role="stiefel"), dict(params=ths, polar_role="theta")], lr=4e-3, mode="riemannian",
+        **kw,
+    )
     @torch.no_grad()
     def transform_only():
         swapped, _post = landing._transform_gradients()
@@ -136,7 +149,8 @@ def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | No
 
     # Both see the same parameters and gradients (the steps are tiny, so repeated steps stay realistic). The three
     # are interleaved rep by rep, so changes in machine load hit all of them alike.
-    fns = {"plain": plain.step, "landing": landing.step, "transform": transform_only}
+    fns = {"plain": plain.step, "landing": landing.step, "transform": transform_only,
+           "riemannian": riemannian.step, "sgemm": lambda: A @ B, **{k: o.step for k, o in adamws.items()}}
     for fn in fns.values():
         fn()  # warm-up: allocates AdamW state and buffers
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -150,6 +164,22 @@ def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | No
     t_plain, t_land, t_transform = (statistics.median(times[k]) for k in ("plain", "landing", "transform"))
     m_plain, m_land, m_transform = (min(times[k]) for k in ("plain", "landing", "transform"))
     n_params = sum(p.numel() for p in xs)
+    field_flop = sum(8 * n * k * k for n, k in shapes)  # Grams XᵀX, GᵀX and the field's two products
+    sgemm_rate = 2 * size**3 / statistics.median(times["sgemm"])
+    transform_rate = field_flop / t_transform
+    yard = [f"| {k} | {fmt_t(statistics.median(times[k]))} | LandingAdamW / it: "
+            f"**{t_land / statistics.median(times[k]):.2f}×** |" for k in adamws]
+    peak = [
+        "",
+        f"Landing transform: {field_flop / 1e9:.1f} GFLOP in {fmt_t(t_transform)} = {transform_rate / 1e9:.1f} GFLOP/s; "
+        f"sgemm {size}³ on the same threads, same loop: {sgemm_rate / 1e9:.1f} GFLOP/s → the transform runs at "
+        f"**{100 * transform_rate / sgemm_rate:.0f} %** of it. Riemannian mode's whole step: "
+        f"{fmt_t(statistics.median(times['riemannian']))} ({statistics.median(times['riemannian']) / t_plain:.2f}× AdamW).",
+        "",
+        "| yardstick | median | ratio |",
+        "|---|---|---|",
+        *yard,
+    ]
     impl = "foreach" if foreach else ("default (" + ("foreach" if device.type == "cuda" else "for-loop") + ")")
     return "\n".join(
         [
@@ -160,6 +190,7 @@ def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | No
             f"| torch.optim.AdamW alone | {fmt_t(t_plain)} | 1.00× | {fmt_t(m_plain)} | 1.00× |",
             f"| LandingAdamW (landing + AdamW) | {fmt_t(t_land)} | **{t_land / t_plain:.2f}×** | {fmt_t(m_land)} | **{m_land / m_plain:.2f}×** |",
             f"| landing transform alone (stack, Grams, field) | {fmt_t(t_transform)} | {t_transform / t_plain:.2f}× | {fmt_t(m_transform)} | {m_transform / m_plain:.2f}× |",
+            *peak,
         ]
     )
 
