@@ -192,7 +192,9 @@ def _evaluate_lm(adapter_dir: Path, base: str, tasks: list[str], num_fewshot: in
         )
     tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     try:
-        lm = HFLM(pretrained=base, peft=str(adapter_dir), tokenizer=tokenizer_source, batch_size=batch_size,
+        from polar.models import resolve_model
+
+        lm = HFLM(pretrained=resolve_model(base), peft=str(adapter_dir), tokenizer=tokenizer_source, batch_size=batch_size,
                   device=device, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     except OSError as err:
         if not Path(base).is_dir():

