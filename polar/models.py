@@ -155,9 +155,4 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
-def display_name(name: str) -> str:
-    """The name to record for a model: short names stay short (portable across machines), others unchanged."""
-    return name.strip().lower() if name.strip().lower() in SHORT_NAMES else name
-
-
 __all__ = ["SHORT_NAMES", "PackagedModel", "cache_root", "convert_gguf", "packaged_gguf", "resolve_model"]
