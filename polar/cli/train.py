@@ -11,7 +11,8 @@ tasks:
   boolq piqa social_iqa hellaswag winogrande arc_easy arc_challenge openbookqa
                       commonsense; texts are lm-eval's doc_to_text + target_delimiter + answer
                       (offline: --data-file with a JSON/JSONL copy of the task's training split)
-  lm-eval:TASK        any other lm-eval task with training docs
+  lm-eval:TASK        any other lm-eval task with training docs; offline, `polar tasks local` writes
+                      TASK_local (stock prompts over local split files): --include-path its folder
   glue:cola glue:sst2 glue:mrpc glue:stsb glue:qqp glue:mnli glue:qnli glue:rte
                       classification / regression (hub, or original TSVs with --data-dir)
   math                MetaMathQA query/response (hub, or --data-file)
@@ -23,6 +24,7 @@ recipes: commonsense-llama2, glue-deberta, math-gemma3 (or a YAML file); flags o
 examples:
   polar train --recipe commonsense-llama2 --task boolq --output-dir runs/boolq
   polar train --model ./my-model --data-file data.jsonl --response-only-loss --output-dir runs/mine
+  polar train --model smollm2-135m --task lm-eval:arc_easy_local --include-path TASKS --output-dir runs/arc-e
   torchrun --nproc_per_node 4 -m polar train --recipe glue-deberta --task glue:rte --data-dir glue/RTE \\
       --output-dir runs/rte
 """
