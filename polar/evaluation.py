@@ -210,10 +210,11 @@ def _evaluate_lm(adapter_dir: Path, base: str, tasks: list[str], num_fewshot: in
             "arc_easy arc_challenge openbookqa gsm8k_alpaca hendrycks_math_alpaca (list all with "
             "`polar lm-eval ls tasks`; local YAMLs via --include-path)."
         )
-    tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
+    source = model_source(base)  # a short name (e.g. smollm2-135m) becomes its converted local folder
+    tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else source
     try:
-        lm = HFLM(pretrained=model_source(base), peft=str(adapter_dir), tokenizer=tokenizer_source,
-                  batch_size=batch_size, device=device, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+        lm = HFLM(pretrained=source, peft=str(adapter_dir), tokenizer=tokenizer_source, batch_size=batch_size,
+                  device=device, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     except OSError as err:
         if not Path(base).is_dir():
             raise offline_model_error(base, err) from err

@@ -41,8 +41,11 @@ def offline_model_error(model: str, err: BaseException) -> FileNotFoundError:
 
 
 def model_source(model: str) -> str:
-    """What ``from_pretrained`` should read for the model name ``model`` (today: the name itself)."""
-    return model
+    """What ``from_pretrained`` should read for the model name ``model``: a short name such as ``smollm2-135m`` or a
+    ``.gguf`` path becomes its converted local folder (:func:`polar.models.resolve_model`); anything else itself."""
+    from polar.models import resolve_model
+
+    return resolve_model(model)
 
 
 def torch_dtype(name: str | None) -> Any:
@@ -83,16 +86,19 @@ def load_model(model: str, kind: str, dtype: Any = None, trust_remote_code: bool
         extra["dtype"] = dtype
     source = model_source(model)
     try:
-        return cls.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        loaded = cls.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except TypeError:
         if "dtype" not in extra:
             raise
         extra["torch_dtype"] = extra.pop("dtype")  # transformers < 4.56 spells it torch_dtype
-        return cls.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        loaded = cls.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
         if not Path(model).is_dir():
             raise offline_model_error(model, err) from err
         raise
+    if source != model:
+        loaded.name_or_path = model  # adapters record the short name, which resolves on any machine
+    return loaded
 
 
 def load_model_and_tokenizer(model: str, kind: str, dtype: Any = None, trust_remote_code: bool = False,

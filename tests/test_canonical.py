@@ -1,4 +1,4 @@
-"""The canonical low-rank problem (polar/canonical.py, `polar canonical`) at a tiny size (seconds)."""
+"""The canonical low-rank problem (polar/studies/canonical, `polar canonical`) at a tiny size (seconds)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from polar import canonical
-from polar.canonical import (
+from polar.studies import canonical
+from polar.studies.canonical import (
     make_target,
     run_canonical,
     run_lora_gd,
@@ -50,23 +50,24 @@ def test_landing_field_is_the_reference_formula() -> None:
     G = torch.randn(40, 6, generator=gen, dtype=torch.float64)
     lam = 0.7
     explicit = (G @ X.T - X @ G.T) @ X + lam * X @ (X.T @ X - torch.eye(6, dtype=torch.float64))
-    torch.testing.assert_close(canonical._landing_field_inline(X, G, lam), explicit, rtol=1e-12, atol=1e-12)
+    # the study trains with the library's kernel itself (no copy of its own)
+    assert canonical.landing_field is __import__("polar.optim.landing", fromlist=["x"]).landing_field
     torch.testing.assert_close(canonical.landing_field(X, G, lam), explicit, rtol=1e-12, atol=1e-12)
 
 
 def test_riemannian_gradient_is_tangent_and_retractions_land_on_the_manifold() -> None:
     gen = torch.Generator().manual_seed(1)
-    X = canonical._haar_orthonormal(30, 5, gen)
+    X = canonical.haar_orthonormal(30, 5, gen)
     G = torch.randn(30, 5, generator=gen, dtype=torch.float64)
-    xi = canonical._riemannian_grad(X, G)
+    xi = canonical.riemannian_grad(X, G)
     torch.testing.assert_close(X.T @ xi + xi.T @ X, torch.zeros(5, 5, dtype=torch.float64), atol=1e-12, rtol=0)
     # it is the orthogonal projection: what it removes is normal, X·sym(XᵀG)
     torch.testing.assert_close((G - xi), X @ (X.T @ (G - xi)), atol=1e-12, rtol=0)
     for kind in ("polar", "qr"):
-        Z = canonical._retract(X - 0.3 * xi, kind)
-        assert canonical._orth_error(Z) < 1e-13
+        Z = canonical.retract(X - 0.3 * xi, kind)
+        assert canonical.orth_error(Z) < 1e-13
     with pytest.raises(ValueError):
-        canonical._retract(X, "cayley")
+        canonical.retract(X, "cayley")
 
 
 @pytest.mark.parametrize("retraction", ["polar", "qr"])
@@ -158,3 +159,17 @@ def test_cli_reports_bad_sizes(tmp_path, capsys) -> None:
     rc = main(["canonical", "--small", "--target-rank", "30", "--out", str(tmp_path / "x")])
     assert rc == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_the_demo_does_not_import_the_cli() -> None:
+    """Arrows run downward: the demo (library) may use the study, never the command line built on top of it."""
+    import ast
+    from pathlib import Path
+
+    import polar.demo
+
+    tree = ast.parse(Path(polar.demo.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert "polar.studies.canonical" in imported
+    assert not [m for m in imported if m == "polar.cli" or m.startswith("polar.cli.")]

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "plot",
     "train",
     "evaluate",
+    "tasks",
     "lm_eval_cli",
 ]
 

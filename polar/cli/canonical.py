@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-# the tiny size used by --small (tests, the demo): seconds on one core
-SMALL = {"m": 20, "n": 16, "rank": 4, "target_rank": 2, "iters": 2000, "kappa": [1.0, 10.0], "seeds": 2}
-DEFAULTS = {"m": 60, "n": 50, "rank": 8, "target_rank": 4, "iters": 20_000, "kappa": [1.0, 10.0, 100.0], "seeds": 3}
+from polar.studies.canonical.study import DEFAULTS, SMALL  # the sizes of --small and of the full study
 
 
 def _float_list(text: str) -> list[float]:
@@ -81,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from polar.canonical import DEFAULT_STEP_GRID, run_canonical
+    from polar.studies.canonical import DEFAULT_STEP_GRID, run_canonical
 
     base = SMALL if args.small else DEFAULTS
     m = args.m if args.m is not None else base["m"]

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", default="8", help="batch size, or 'auto' for lm-eval (default 8)")
     p.add_argument("--limit", type=float, help="evaluate at most N examples per task (or a fraction if < 1)")
     p.add_argument("--include-path", action="append", help="folder of extra lm-eval task YAMLs (repeatable)")
-    p.add_argument("--base-model", help="base model (hub id or local folder) instead of the adapter config's")
+    p.add_argument("--base-model", help="base model (hub id, local folder or short name such as smollm2-135m) "
+                   "instead of the adapter config's")
     p.add_argument("--data-dir", help="GLUE: folder with the original dev TSV(s) (default: the run's --data-dir)")
     p.add_argument("--output", help="results JSON path (default ADAPTER_DIR/eval_results.json)")
     p.add_argument("--device", help="device, e.g. cuda, cuda:1, cpu (default: cuda when available)")

