@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from polar.optim.landing import landing_field, orthogonality_error, retract_polar, retract_qr
+from polar.optim.landing import landing_field, orthogonality_error, retract_polar, retract_qr, riemannian_gradient
 
 DTYPE = torch.float64
 
@@ -31,9 +31,8 @@ def retract(Z: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def riemannian_grad(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Riemannian gradient on St(n, p), embedded metric: projection ``G − X sym(XᵀG)`` onto the tangent space."""
-    S = X.mT @ G
-    return G - X @ (0.5 * (S + S.mT))
+    """Riemannian gradient on St(n, p), embedded metric: ``G − X sym(XᵀG)`` (the optimiser's kernel)."""
+    return riemannian_gradient(X, G)
 
 
 def orth_error(X: torch.Tensor) -> float:
