@@ -425,3 +425,18 @@ def test_riemannian_mode_warns_when_the_factors_start_off_the_manifold() -> None
         else:
             assert len(messages) == 1 and "start 0.88 away from the manifold" in messages[0]
             assert "polar.reorthonormalize(model)" in messages[0]
+
+
+@pytest.mark.parametrize("mode", ["landing", "riemannian", "retraction", "penalty"])
+def test_per_factor_and_stacked_paths_take_the_same_step(mode: str, monkeypatch) -> None:
+    """CPU transforms each factor in its own storage, GPU from per-bucket stacks: both must give the same step."""
+    results = []
+    for devices in (("cpu",), ()):
+        monkeypatch.setattr(LandingAdamW, "per_factor_devices", devices)
+        model = _model().double()
+        kw = {"landing_lambda": 0.3} if mode in ("landing", "penalty") else {}
+        opt = make_optimizer(model, lr=1e-2, mode=mode, chunk_bytes=2048, **kw)  # several chunks per bucket
+        _train(model, opt, 3)
+        results.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -67,6 +67,7 @@ __all__ = [
     "retract_qr",
     "retract_polar",
     "retract_newton_schulz",
+    "retraction_coefficient",
     "riemannian_gradient",
     "riemannian_gradient_from_grams",
     "project_tangent",
@@ -292,6 +293,21 @@ def retract_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Q.contiguous(), R.contiguous()
 
 
+def retraction_coefficient(xtx: torch.Tensor, kind: str) -> torch.Tensor:
+    """The ``p × p`` matrix ``C`` with ``retract(X) = X C``, from ``XᵀX`` alone (so row shards need only it):
+    ``"polar"``: ``(XᵀX)^{-1/2}``; ``"newton_schulz"``: ``(3I − XᵀX) / 2``. Batched; in ``xtx``'s dtype.
+
+    The polar eigenproblem is negligible work: it runs in float64, so the only fp32 rounding left is ``X @ C``.
+    """
+    if kind == "newton_schulz":
+        return 0.5 * (3.0 * _eye_like(xtx) - xtx)
+    if kind != "polar":
+        raise ValueError(f"retraction_coefficient: unknown kind {kind!r}; use 'polar' or 'newton_schulz'")
+    edt = torch.float64 if xtx.device.type in ("cpu", "cuda") else xtx.dtype
+    evals, evecs = torch.linalg.eigh(xtx.to(edt))
+    return ((evecs * evals.clamp_min(torch.finfo(edt).tiny).rsqrt().unsqueeze(-2)) @ evecs.mT).to(xtx.dtype)
+
+
 @_fp32_kernel
 def retract_polar(X: torch.Tensor, *, xtx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Polar retraction ``X (XᵀX)^{-1/2}`` (the orthonormal factor of the polar decomposition) of tall ``X``.
@@ -303,11 +319,7 @@ def retract_polar(X: torch.Tensor, *, xtx: Optional[torch.Tensor] = None) -> tor
     cdt = compute_dtype(X.dtype)
     if xtx is None:
         xtx, _ = gram_matrices(X)
-    # The r × r eigenproblem is negligible work: do it in float64 so the only fp32 rounding left is X @ (XᵀX)^{-1/2}.
-    edt = torch.float64 if xtx.device.type in ("cpu", "cuda") else xtx.dtype
-    evals, evecs = torch.linalg.eigh(xtx.to(edt))
-    inv_sqrt = ((evecs * evals.clamp_min(torch.finfo(edt).tiny).rsqrt().unsqueeze(-2)) @ evecs.mT).to(cdt)
-    return (X.to(cdt) @ inv_sqrt).contiguous()
+    return (X.to(cdt) @ retraction_coefficient(xtx.to(cdt), "polar")).contiguous()
 
 
 def safe_step_size(
@@ -340,13 +352,9 @@ def retract_newton_schulz(X: torch.Tensor, *, xtx: Optional[torch.Tensor] = None
     reduced with ``xtx=``). Returned contiguous in the compute dtype.
     """
     cdt = compute_dtype(X.dtype)
-    Xc = X.to(cdt)
     if xtx is None:
-        xtx, _ = gram_matrices(Xc)
-    coef = 0.5 * (xtx.to(cdt) - _eye_like(xtx))
-    if Xc.ndim == 3:
-        return torch.baddbmm(Xc, Xc, coef, alpha=-1.0).contiguous()
-    return torch.addmm(Xc, Xc, coef, alpha=-1.0).contiguous()
+        xtx, _ = gram_matrices(X)
+    return (X.to(cdt) @ retraction_coefficient(xtx.to(cdt), "newton_schulz")).contiguous()
 
 
 def safe_fraction(

@@ -39,10 +39,8 @@ from .landing import (
     no_autocast,
     penalty_field_from_grams,
     orthogonality_error_from_gram,
-    project_tangent,
-    retract_newton_schulz,
-    retract_polar,
     retract_qr,
+    retraction_coefficient,
     riemannian_gradient_from_grams,
     safe_fraction,
 )
@@ -114,6 +112,9 @@ class LandingAdamW(torch.optim.AdamW):
             stay in cache between the Gram and field products; whole buckets on GPU). ``0`` = whole buckets.
         **adamw_kwargs: passed to ``torch.optim.AdamW`` (``foreach``, ``fused``, ``amsgrad``, ...).
     """
+
+    #: Devices on which each factor is transformed from its own storage rather than from per-bucket stacks.
+    per_factor_devices: tuple[str, ...] = ("cpu",)
 
     def __init__(
         self,
@@ -324,14 +325,32 @@ class LandingAdamW(torch.optim.AdamW):
             # products; on GPU the whole bucket at once (fewest launches).
             step_len = len(items) if wide else self._chunk_len(key[3], cdt, device, sharding)
             in_place = not wide and cdt == dtype
+            # On CPU, one factor at a time straight from its own storage: stacking X and G cost ≈ 30 % of the
+            # transform, and a single n × r factor already stays in cache between its Gram and field products
+            # (7B-shaped set, one thread: 297 → 218 ms, 53 → 72 % of sgemm; BENCHMARKS.md). On GPU, stacks: one
+            # launch per bucket instead of one per factor.
+            per_factor = in_place and device.type in self.per_factor_devices
             field_all = None
             if in_place and mode != "euclidean":  # the whole bucket's field: it becomes the gradients AdamW reads
                 field_all = self._workspace((key, "F"), (len(items), *tall), cdt, device)
             x_olds, xtxs, fields, dists = [], [], [], []
+            # The factors before AdamW's step, for the post-step: one buffer per bucket, kept across steps (a fresh
+            # stack of a 7B-sized set every step costs page faults that measured 4× the step, see _workspace).
+            old_all = self._workspace((key, "old"), (len(items), *tall), cdt, device) if keep_old and in_place else None
             for lo in range(0, len(items), step_len):
                 chunk, gchunk = params_l[lo : lo + step_len], grads_l[lo : lo + step_len]
                 n = len(chunk)
-                if in_place and not keep_old:
+                if per_factor:
+                    X = torch.stack(chunk, out=old_all[lo : lo + n]) if old_all is not None else None
+                    self._factor_fields(items[lo : lo + n], chunk, gchunk, mode, sharding, dists,
+                                        field_all[lo : lo + n] if field_all is not None else None,
+                                        (X, xtxs) if keep_old else None)
+                    if keep_old:
+                        x_olds.append(X)
+                    continue
+                if old_all is not None:
+                    X = torch.stack(chunk, out=old_all[lo : lo + n])
+                elif in_place and not keep_old:
                     X = torch.stack(chunk, out=self._workspace((key, "X", n), (n, *tall), cdt, device))
                 else:
                     X = torch.stack([p.mT if wide else p for p in chunk]).to(cdt)
@@ -366,7 +385,8 @@ class LandingAdamW(torch.optim.AdamW):
             if mode in ("riemannian", "retraction") and items[0][1]["polar_steps"] == 0:
                 self._check_start_on_manifold(torch.cat(dists), mode, shape)
             if keep_old:
-                entry.update(x_old=torch.cat(x_olds), xtx=torch.cat(xtxs), safe_eps=safe)
+                x_old = old_all if old_all is not None else torch.cat(x_olds)
+                entry.update(x_old=x_old, xtx=torch.cat(xtxs), safe_eps=safe, key=key, in_place=in_place)
             if mode == "euclidean":
                 continue
             field = field_all if field_all is not None else (fields[0] if len(fields) == 1 else torch.cat(fields))
@@ -380,6 +400,33 @@ class LandingAdamW(torch.optim.AdamW):
             peak = torch.stack([d.max() for d in self._last_orth]).max().float()
             self._orth_peak = peak if self._orth_peak is None else torch.maximum(self._orth_peak, peak.to(self._orth_peak.device))
         return swapped, post
+
+    def _factor_fields(self, items: list[tuple[torch.Tensor, dict[str, Any]]], xs: list[torch.Tensor],
+                       gs: list[torch.Tensor], mode: str, sharding: Any, dists: list[torch.Tensor],
+                       out: Optional[torch.Tensor], keep: Optional[tuple[Any, list[torch.Tensor]]]) -> None:
+        """The per-factor form of one chunk's step (CPU): the same kernels on each n × r factor and gradient in
+        their own storage; only the r × r Grams are stacked (and reduced together, so row shards still issue one
+        all-reduce per chunk)."""
+        grams = {"xtx": torch.stack([x.mT @ x for x in xs])}
+        if mode in ("landing", "retraction", "riemannian"):
+            grams["gtx"] = torch.stack([g.mT @ x for g, x in zip(gs, xs)])
+        grams = self._reduce(grams, sharding)
+        xtx = grams["xtx"]
+        dists.append(orthogonality_error_from_gram(xtx))
+        if keep is not None:
+            keep[1].append(xtx)
+        if mode == "euclidean":
+            return
+        lam = self._lam(items, xtx)
+        for i, (x, g) in enumerate(zip(xs, gs)):
+            lam_i = lam if isinstance(lam, float) else lam[i]
+            if mode == "penalty":
+                penalty_field_from_grams(x, g, xtx[i], lam_i, out=out[i])
+            elif mode == "riemannian":
+                riemannian_gradient_from_grams(x, g, grams["gtx"][i], out=out[i])
+            else:
+                landing_field_from_grams(x, g, xtx[i], grams["gtx"][i], 0.0 if mode == "retraction" else lam_i,
+                                         out=out[i])
 
     @staticmethod
     def _check_start_on_manifold(dist: torch.Tensor, mode: str, shape: tuple[int, ...]) -> None:
@@ -395,17 +442,27 @@ class LandingAdamW(torch.optim.AdamW):
                 stacklevel=4,
             )
 
-    def _retract(self, X: torch.Tensor, kind: str, sharding: Optional[shards.RowSharding]) -> torch.Tensor:
-        """Map tall ``X`` (stacked, compute dtype) back onto the manifold with the retraction ``kind``."""
+    def _retract_into(self, params: list[torch.Tensor], X: torch.Tensor, kind: str, sharding: Any, wide: bool) -> None:
+        """Write the retraction ``kind`` of tall ``X`` (stacked, compute dtype) into ``params``.
+
+        Polar and Newton–Schulz are ``X C`` for an r × r ``C`` from the reduced ``XᵀX``: each factor is written as
+        one product straight into its storage, with no n × r temporary. QR is Householder's on whole factors
+        (Cholesky QR, also of that form, on row shards).
+        """
         if kind == "qr" and sharding is None:
-            return retract_qr(X)[0]
+            self._write(params, retract_qr(X)[0], wide)
+            return
         xtx = self._reduce({"xtx": X.mT @ X}, sharding)["xtx"]
-        if kind == "polar":
-            return retract_polar(X, xtx=xtx)
-        if kind == "newton_schulz":
-            return retract_newton_schulz(X, xtx=xtx)
-        # row-sharded QR = Cholesky QR from the reduced XᵀX (QR with diag(R) > 0, up to rounding)
-        return shards.cholesky_qr(X, xtx)[0]
+        if kind == "qr":  # row-sharded QR = Cholesky QR from the reduced XᵀX (QR with diag(R) > 0, up to rounding)
+            self._write(params, shards.cholesky_qr(X, xtx)[0], wide)
+            return
+        coef = retraction_coefficient(xtx, kind)
+        for p, x, c in zip(params, X.unbind(0), coef.unbind(0)):
+            target = shards.local_tensor(p)
+            if not wide and target.dtype == x.dtype and target.is_contiguous():
+                torch.mm(x, c, out=target)
+            else:
+                target.copy_((x @ c).mT if wide else x @ c)
 
     def _post_step(self, post: list[dict[str, Any]]) -> None:
         for entry in post:
@@ -415,19 +472,27 @@ class LandingAdamW(torch.optim.AdamW):
             local = [shards.local_tensor(p) for p in params]
             if entry["mode"] == "retraction":
                 X = torch.stack([p.mT if wide else p for p in local])
-                self._write(params, self._retract(X.to(compute_dtype(X.dtype)), entry["retraction"], sharding), wide)
+                self._retract_into(params, X.to(compute_dtype(X.dtype)), entry["retraction"], sharding, wide)
                 continue
             if "x_old" not in entry:
                 continue
             x_old = entry["x_old"]
-            delta = torch.stack([p.mT if wide else p for p in local]).to(x_old.dtype) - x_old
+            if entry["in_place"]:  # the factors after AdamW's step, into a buffer kept across steps
+                n = len(local)
+                new = torch.stack(local, out=self._workspace((entry["key"], "new"), (n, *x_old.shape[1:]), x_old.dtype,
+                                                             x_old.device))
+            else:
+                new = torch.stack([p.mT if wide else p for p in local]).to(x_old.dtype)
             if entry["mode"] == "riemannian":
-                # Stiefel Adam: keep the tangent part of AdamW's displacement, then retract. For a tangent step
-                # MᵀM = I + DᵀD ⪰ I, so the retraction is well conditioned at any step size.
-                xtd = self._reduce({"xtd": x_old.mT @ delta}, sharding)["xtd"]
-                moved = x_old + project_tangent(x_old, delta, xtd=xtd)
-                self._write(params, self._retract(moved, entry["retraction"], sharding), wide)
+                # Stiefel Adam: keep the tangent part D − X sym(XᵀD) of AdamW's displacement D = new − X, then
+                # retract. XᵀD = Xᵀnew − XᵀX needs no D; for a tangent step MᵀM = I + DᵀD ⪰ I, so the retraction
+                # is well conditioned at any step size.
+                xtn = self._reduce({"xtn": x_old.mT @ new}, sharding)["xtn"]
+                xtd = xtn - entry["xtx"]
+                moved = new.baddbmm_(x_old, 0.5 * (xtd + xtd.mT), alpha=-1.0)  # = X + D − X sym(XᵀD)
+                self._retract_into(params, moved, entry["retraction"], sharding, wide)
             else:  # safe step: the largest fraction of AdamW's displacement that ends within ε of the manifold
+                delta = new.sub_(x_old)
                 grams = self._reduce({"xtd": x_old.mT @ delta, "dtd": delta.mT @ delta}, sharding)
                 t = safe_fraction(entry["xtx"], grams["xtd"], grams["dtd"], entry["safe_eps"])
                 self._write(params, x_old + t.view(-1, 1, 1) * delta, wide)
