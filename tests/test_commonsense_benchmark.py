@@ -64,12 +64,12 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
               "--results", str(tmp_path / "results.jsonl"), "--model", str(model), "--eval-limit", "4",
               "--eval-batch-size", "4"]
     run = ["run", "--tasks", "arc_easy", "--ranks", "2", "--seeds", "0", "--steps", "2", "--batch-size", "2",
-           "--cutoff", "16", "--polar-variants", "default", *common]
+           "--cutoff", "16", "--polar-variants", "riemannian", *common]
     assert bench.main([*run, "--adapters", "lora,polar"]) == 0
     assert bench.main(["floor", "--tasks", "arc_easy", *common]) == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["cell"] for r in rows] == [
-        "arc_easy-lora-r2-lr0.0004-s0-2steps", "arc_easy-polar-default-r2-lr0.004-s0-2steps",
+        "arc_easy-lora-r2-lr0.0004-s0-2steps", "arc_easy-polar-riemannian-r2-lr0.004-s0-2steps",
         "arc_easy-floor-limit4"]
     lora, polar_row, floor = rows
     assert set(lora["median_stable_rank_by_type"]) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
@@ -91,11 +91,11 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     polar_row["stable_ranks"][0] += 0.5  # a wrong record is caught
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in (lora, polar_row, floor)) + "\n")
     assert bench.main(verify) == 1
-    assert "DIFFERS arc_easy-polar-default" in capsys.readouterr().out
+    assert "DIFFERS arc_easy-polar-riemannian" in capsys.readouterr().out
 
     assert bench.main(["report", "--results", str(tmp_path / "results.jsonl")]) == 0
     table = capsys.readouterr().out
-    assert "| arc_easy | – | zero-shot base |" in table and "| arc_easy | 2 | polar (default) | 0.004 |" in table
+    assert "| arc_easy | – | zero-shot base |" in table and "| arc_easy | 2 | polar (riemannian) | 0.004 |" in table
 
 
 def test_unknown_setting_of_a_variant_is_refused(monkeypatch):
