@@ -195,7 +195,8 @@ def convert_reference(
         task_type=ref_config.get("task_type"),
         base_model_name_or_path=ref_config.get("base_model_name_or_path"),
         revision=ref_config.get("revision"),
-        **({} if landing_lambda is None else {"landing_lambda": landing_lambda}),
+        # A λ is only read by the landing field: recording one means training on with the paper's method.
+        **({} if landing_lambda is None else {"landing_lambda": landing_lambda, "optimizer_mode": "landing"}),
     )
 
     state = dict(passthrough)

@@ -153,7 +153,7 @@ def _describe(rows: list[dict[str, Any]], canonical: dict[str, Any] | None) -> s
         f"{ref['median_stable_rank']:.2f}."
     )
     cost = pol["seconds_per_step"] / lora["seconds_per_step"]
-    lines.append(f"- Cost: a PoLAR training step took {cost:.2f}× a LoRA step here (landing step included).")
+    lines.append(f"- Cost: a PoLAR training step took {cost:.2f}× a LoRA step here (the optimiser step included).")
     if canonical:
         lines.append(f"- Canonical problem: {canonical['headline']}")
     return "\n".join(lines)

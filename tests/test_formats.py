@@ -100,7 +100,12 @@ def test_reference_theta_option_and_recorded_value(tmp_path, capsys):
 def test_convert_cli_and_plain_lora_is_refused(tmp_path):
     write_reference_checkpoint(tmp_path / "ref", tiny_llama(), TARGETS, parameterize_s="identity")
     assert main(["convert", str(tmp_path / "ref"), str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "POLAR"
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "POLAR" and config["optimizer_mode"] == "riemannian"  # the library default
+    # a λ for further training means the paper's landing field, recorded as such (else it would be ignored)
+    assert main(["convert", str(tmp_path / "ref"), str(tmp_path / "out_l"), "--landing-lambda", "0.005"]) == 0
+    config = json.loads((tmp_path / "out_l" / "adapter_config.json").read_text())
+    assert (config["optimizer_mode"], config["landing_lambda"]) == ("landing", 0.005)
     lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path / "lora")
     with pytest.raises(ValueError, match="holds no lora_S tensors.*not a PoLAR reference adapter"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-gpu_check = pytest.importorskip("gpu_check")
+import gpu_check  # noqa: E402  (a broken import must fail, not skip)
 
 TINY = dict(
     grid_ns=[256], grid_rs=[8], grid_target_s=0.0, set_scale=64, set_reps=1,

@@ -400,9 +400,14 @@ def test_drift_advice_names_what_to_change_for_the_mode_in_use() -> None:
     assert "Newton–Schulz" in advice(mode="retraction", retraction="newton_schulz")
 
 
-def test_lambda_with_a_mode_that_ignores_it_is_refused() -> None:
-    with pytest.raises(ValueError, match="no effect with mode='riemannian'"):
+def test_options_a_mode_would_ignore_are_refused() -> None:
+    with pytest.raises(ValueError, match="landing_lambda=1.0 has no effect with mode='riemannian'"):
         make_optimizer(_model(), lr=1e-3, mode="riemannian", landing_lambda=1.0)
+    with pytest.raises(ValueError, match="retraction='qr' has no effect with mode='landing'"):
+        make_optimizer(_model(), lr=1e-3, mode="landing", retraction="qr")
+    with pytest.raises(ValueError, match="landing_lambda=1.0 has no effect with mode='riemannian'"):
+        LandingAdamW([torch.nn.Parameter(torch.zeros(4, 2))], landing_lambda=1.0)
+    assert make_optimizer(_model(), lr=1e-3, mode="retraction", retraction="qr").param_groups[0]["retraction"] == "qr"
 
 
 def test_riemannian_mode_warns_when_the_factors_start_off_the_manifold() -> None:
@@ -430,13 +435,23 @@ def test_riemannian_mode_warns_when_the_factors_start_off_the_manifold() -> None
 @pytest.mark.parametrize("mode", ["landing", "riemannian", "retraction", "penalty"])
 def test_per_factor_and_stacked_paths_take_the_same_step(mode: str, monkeypatch) -> None:
     """CPU transforms each factor in its own storage, GPU from per-bucket stacks: both must give the same step."""
-    results = []
+    class Counting(LandingAdamW):
+        per_factor_calls = 0
+
+        def _factor_fields(self, *args, **kwargs):
+            Counting.per_factor_calls += 1
+            return super()._factor_fields(*args, **kwargs)
+
+    results, calls = [], []
     for devices in (("cpu",), ()):
         monkeypatch.setattr(LandingAdamW, "per_factor_devices", devices)
+        Counting.per_factor_calls = 0
         model = _model().double()
         kw = {"landing_lambda": 0.3} if mode in ("landing", "penalty") else {}
-        opt = make_optimizer(model, lr=1e-2, mode=mode, chunk_bytes=2048, **kw)  # several chunks per bucket
+        opt = make_optimizer(model, lr=1e-2, mode=mode, chunk_bytes=2048, optimizer_cls=Counting, **kw)
         _train(model, opt, 3)
         results.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+        calls.append(Counting.per_factor_calls)
+    assert calls[0] > 0 and calls[1] == 0  # each path really ran
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -154,7 +154,9 @@ def test_step_equals_adamw_on_the_transformed_gradient(mode: str) -> None:
     model = _model().double()
     ref = copy.deepcopy(model)
     lam_kw = {"landing_lambda": lam} if mode in ("landing", "penalty") else {}
-    opt = make_optimizer(model, lr=lr, mode=mode, retraction="qr", **lam_kw)
+    if mode == "retraction":
+        lam_kw["retraction"] = "qr"
+    opt = make_optimizer(model, lr=lr, mode=mode, **lam_kw)
     ref_groups = [dict(params=[q for q in ref.parameters() if q.requires_grad])]
     ref_opt = torch.optim.AdamW(ref_groups[0]["params"], lr=lr, weight_decay=0.0)
     transform = _reference_transform(mode, lam)

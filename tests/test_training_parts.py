@@ -107,6 +107,10 @@ def test_optimizer_flags_resolve_describe_and_refuse(tmp_path):
     assert describe_optimizer(optimizer_options(ns)) == "LandingAdamW mode=retraction retraction=newton_schulz"
     with pytest.raises(ValueError, match="--landing-lambda has no effect with --optimizer-mode riemannian"):
         resolve_settings(**base, landing_lambda=1.0)
+    with pytest.raises(ValueError, match="--retraction has no effect with --optimizer-mode landing"):
+        resolve_settings(**base, optimizer_mode="landing", retraction="qr")
+    with pytest.raises(ValueError, match="--safe-step limits the landing field's steps: it needs --optimizer-mode landing"):
+        resolve_settings(**base, safe_step=True)
     with pytest.raises(ValueError, match="--optimizer-mode, --landing-lambda set the PoLAR optimiser; lora trains"):
         resolve_settings(**base, adapter="lora", optimizer_mode="landing", landing_lambda=1.0)
     # the paper's recipe keeps the paper's landing field for PoLAR and gives LoRA none of it

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("src_dir", help="reference adapter folder (adapter_config.json + weights)")
     parser.add_argument("out_dir", help="folder to write the converted adapter to")
-    parser.add_argument("--landing-lambda", type=float, default=None, help="λ to record for further training")
+    parser.add_argument("--landing-lambda", type=float, default=None, help="record the paper's landing field with this λ (optimizer_mode landing) for further training; "
+                        "without it the adapter trains on with the default optimiser")
     parser.add_argument(
         "--reference-theta", choices=("identity", "diagonal", "removal"), default=None,
         help="parameterize_S for checkpoints whose adapter_config.json does not record it (default identity)",

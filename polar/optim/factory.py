@@ -16,6 +16,7 @@ from .optimizer import (
     DEFAULT_MODE,
     DEFAULT_RETRACTION,
     LAMBDA_MODES,
+    RETRACTION_MODES,
     VALID_MODES,
     VALID_RETRACTIONS,
     LandingAdamW,
@@ -42,7 +43,7 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     mode: Optional[str] = None,
-    retraction: str = DEFAULT_RETRACTION,
+    retraction: Optional[str] = None,
     safe_step: bool = False,
     stabilize_every: int = 0,
     optimizer_cls: type[LandingAdamW] = LandingAdamW,
@@ -70,7 +71,7 @@ def make_optimizer(
     check_model(model)  # FSDP1 / DeepSpeed ZeRO-3: clear error naming DDP / FSDP2 / single GPU
     if mode is not None and mode not in VALID_MODES:
         raise ValueError(f"unknown mode={mode!r}; valid modes: {', '.join(VALID_MODES)}")
-    if retraction not in VALID_RETRACTIONS:
+    if retraction is not None and retraction not in VALID_RETRACTIONS:
         raise ValueError(f"unknown retraction={retraction!r}; valid retractions: {', '.join(VALID_RETRACTIONS)}")
 
     per_adapter: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -118,9 +119,14 @@ def make_optimizer(
                 f"(adapter {adapter!r}; only {' and '.join(LAMBDA_MODES)} use λ); drop it, or pass mode='landing' "
                 "for the reference's landing field."
             )
+        if retraction is not None and adapter_mode not in RETRACTION_MODES:
+            raise ValueError(
+                f"make_optimizer: retraction={retraction!r} has no effect with mode={adapter_mode!r} (adapter "
+                f"{adapter!r}; only {' and '.join(RETRACTION_MODES)} retract); drop it or pick one of those modes."
+            )
         modes.add(adapter_mode)
         lam_option = {"landing_lambda": lam} if adapter_mode in LAMBDA_MODES else {}
-        common = dict(polar_block=block, **lam_option, mode=adapter_mode, retraction=retraction,
+        common = dict(polar_block=block, **lam_option, mode=adapter_mode, retraction=retraction or DEFAULT_RETRACTION,
                       safe_step=safe_step, stabilize_every=stabilize_every, polar_adapter=adapter)
         groups.append(dict(params=slots["X"], polar_role="stiefel", polar_factor="X", weight_decay=0.0, **common))
         groups.append(dict(params=slots["Y"], polar_role="stiefel", polar_factor="Y", weight_decay=0.0, **common))
@@ -139,7 +145,7 @@ def make_optimizer(
         weight_decay=weight_decay,
         landing_lambda=None,  # set per group above, for the modes that use it
         mode=modes.pop() if len(modes) == 1 else DEFAULT_MODE,
-        retraction=retraction,
+        retraction=retraction or DEFAULT_RETRACTION,
         safe_step=safe_step,
         stabilize_every=stabilize_every,
         **adamw_kwargs,

@@ -1,4 +1,4 @@
-"""LandingAdamW: AdamW whose PoLAR factors are fed the landing field instead of their raw gradient.
+"""LandingAdamW: AdamW whose PoLAR factors X, Y are fed a direction that keeps them orthonormal.
 
 The whole optimiser step is this file. Kernels live in :mod:`polar.optim.landing`; re-orthonormalisation in
 :mod:`polar.optim.stabilize`; building the param groups of a PoLAR model in :mod:`polar.optim.factory` (the only
@@ -8,15 +8,19 @@ How a step works (all inside ``step()``, so it runs once per optimiser step: aft
 AMP unscaling and gradient clipping, under any training loop, DeepSpeed included):
 
 1. Every parameter group with ``polar_role == "stiefel"`` holds tall factors (X: out × r, Y: in × r). Their
-   gradients are bucketed by (mode, shape, dtype, device), and each bucket is stacked into one ``k × n × r``
-   tensor, so the Python work per step grows with the number of *distinct shapes*, not with the number of layers.
+   gradients are bucketed by (mode, shape, dtype, device). On GPU each bucket is stacked into one ``k × n × r``
+   tensor (Python work grows with the number of *distinct shapes*); on CPU each factor is used in its own storage.
 2. Per bucket: the r × r Gram matrices XᵀX and GᵀX (fp32 accumulation) → :meth:`LandingAdamW._reduce_grams`
-   (identity here; a row-sharded subclass all-reduces them) → the field ``G XᵀX − X (GᵀX − λ (XᵀX − I))``.
-3. The field (cast to the parameter dtype) temporarily *replaces* ``p.grad`` and ``torch.optim.AdamW``'s own step
-   runs unchanged over all groups (so foreach/fused kernels, state layout and ``state_dict`` are AdamW's); the raw
-   gradients are put back afterwards.
-4. Post-step per mode: retraction (``mode="retraction"``), the safe-step limiter (``safe_step=True``), and every
-   ``stabilize_every`` steps an exact re-orthonormalisation that folds QR factors into Θ.
+   (identity here; all-reduced over row shards under FSDP2) → the mode's direction: the Riemannian gradient
+   ``G − X sym(XᵀG)`` (riemannian), the landing field ``G XᵀX − X (GᵀX − λ (XᵀX − I))`` (landing; λ = 0 for
+   retraction), or ``G + λ X (XᵀX − I)`` (penalty).
+3. The direction (cast to the parameter dtype) temporarily *replaces* ``p.grad`` and ``torch.optim.AdamW``'s own
+   step runs unchanged over all groups (so foreach/fused kernels, state layout and ``state_dict`` are AdamW's); the
+   raw gradients are put back afterwards.
+4. Post-step per mode: riemannian keeps the tangent part of AdamW's displacement and retracts; retraction retracts
+   the whole displacement; ``safe_step=True`` shortens a step that would leave the safe region; every
+   ``stabilize_every`` steps an exact re-orthonormalisation folds the QR factors into Θ and carries AdamW's moments
+   into the new basis.
 
 Roles and options are *param-group options* (``polar_role``, ``polar_block``, ``landing_lambda``, ``mode``,
 ``retraction``, ``safe_step``, ``stabilize_every``), never dicts keyed by tensor identity, so they survive
@@ -44,9 +48,9 @@ from .landing import (
     riemannian_gradient_from_grams,
     safe_fraction,
 )
-from .stabilize import reorthonormalize_triples, transport_factor_moment, transport_theta_moment
+from .stabilize import reorthonormalize_triples, transport_factor_moment, transport_state, transport_theta_moment
 
-__all__ = ["DEFAULT_LAMBDA", "DEFAULT_MODE", "DEFAULT_RETRACTION", "LAMBDA_MODES", "LandingAdamW", "VALID_MODES", "VALID_RETRACTIONS"]
+__all__ = ["DEFAULT_LAMBDA", "DEFAULT_MODE", "DEFAULT_RETRACTION", "LAMBDA_MODES", "RETRACTION_MODES", "LandingAdamW", "VALID_MODES", "VALID_RETRACTIONS"]
 
 VALID_MODES = ("landing", "riemannian", "retraction", "penalty", "euclidean")
 VALID_RETRACTIONS = ("polar", "qr", "newton_schulz")
@@ -56,8 +60,10 @@ VALID_ROLES = (None, "stiefel", "theta")
 DEFAULT_MODE = "riemannian"
 DEFAULT_RETRACTION = "polar"
 DEFAULT_LAMBDA = 5e-3  # the reference's λ, for the modes that use one
-# Modes whose direction contains λ; in the others a λ would be accepted and ignored, so it is refused.
+# Modes whose direction contains λ / that retract; in the others a λ / retraction would be accepted and ignored,
+# so make_optimizer and polar train refuse it.
 LAMBDA_MODES = ("landing", "penalty")
+RETRACTION_MODES = ("riemannian", "retraction")
 
 # Group options added to every param group (defaults; a group may override any of them).
 _POLAR_DEFAULTS: dict[str, Any] = {
@@ -79,6 +85,16 @@ def _adamw_step_unhooked() -> Callable[..., Any]:
     # AdamW.step from inside our (also wrapped) step would run per-instance step hooks twice.
     fn = torch.optim.AdamW.step
     return fn.__wrapped__ if getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__") else fn
+
+
+def _direction(mode: str, X: torch.Tensor, G: torch.Tensor, xtx: torch.Tensor, gtx: Optional[torch.Tensor],
+               lam: float | torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """What AdamW is fed for the factors in ``mode`` (stacked or single, from reduced Grams), into ``out``."""
+    if mode == "penalty":
+        return penalty_field_from_grams(X, G, xtx, lam, out=out)
+    if mode == "riemannian":
+        return riemannian_gradient_from_grams(X, G, gtx, out=out)
+    return landing_field_from_grams(X, G, xtx, gtx, 0.0 if mode == "retraction" else lam, out=out)
 
 
 class LandingAdamW(torch.optim.AdamW):
@@ -372,15 +388,8 @@ class LandingAdamW(torch.optim.AdamW):
                     xtxs.append(xtx)
                 if mode == "euclidean":
                     continue
-                lam = self._lam(items[lo : lo + step_len], xtx)
                 out = field_all[lo : lo + n] if field_all is not None else None
-                if mode == "penalty":
-                    field = penalty_field_from_grams(X, G, xtx, lam, out=out)
-                elif mode == "riemannian":
-                    field = riemannian_gradient_from_grams(X, G, grams["gtx"], out=out)
-                else:
-                    field = landing_field_from_grams(X, G, xtx, grams["gtx"], 0.0 if mode == "retraction" else lam, out=out)
-                fields.append(field)
+                fields.append(_direction(mode, X, G, xtx, grams.get("gtx"), self._lam(items[lo : lo + n], xtx), out))
             self._last_orth.extend(dists)
             if mode in ("riemannian", "retraction") and items[0][1]["polar_steps"] == 0:
                 self._check_start_on_manifold(torch.cat(dists), mode, shape)
@@ -417,16 +426,10 @@ class LandingAdamW(torch.optim.AdamW):
             keep[1].append(xtx)
         if mode == "euclidean":
             return
-        lam = self._lam(items, xtx)
+        lam, gtx = self._lam(items, xtx), grams.get("gtx")
         for i, (x, g) in enumerate(zip(xs, gs)):
-            lam_i = lam if isinstance(lam, float) else lam[i]
-            if mode == "penalty":
-                penalty_field_from_grams(x, g, xtx[i], lam_i, out=out[i])
-            elif mode == "riemannian":
-                riemannian_gradient_from_grams(x, g, grams["gtx"][i], out=out[i])
-            else:
-                landing_field_from_grams(x, g, xtx[i], grams["gtx"][i], 0.0 if mode == "retraction" else lam_i,
-                                         out=out[i])
+            _direction(mode, x, g, xtx[i], None if gtx is None else gtx[i], lam if isinstance(lam, float) else lam[i],
+                       out[i])
 
     @staticmethod
     def _check_start_on_manifold(dist: torch.Tensor, mode: str, shape: tuple[int, ...]) -> None:
@@ -489,7 +492,7 @@ class LandingAdamW(torch.optim.AdamW):
                 # is well conditioned at any step size.
                 xtn = self._reduce({"xtn": x_old.mT @ new}, sharding)["xtn"]
                 xtd = xtn - entry["xtx"]
-                moved = new.baddbmm_(x_old, 0.5 * (xtd + xtd.mT), alpha=-1.0)  # = X + D − X sym(XᵀD)
+                moved = riemannian_gradient_from_grams(x_old, new, xtd.mT, out=new)  # X + D − X sym(XᵀD), in place
                 self._retract_into(params, moved, entry["retraction"], sharding, wide)
             else:  # safe step: the largest fraction of AdamW's displacement that ends within ε of the manifold
                 delta = new.sub_(x_old)
@@ -497,9 +500,6 @@ class LandingAdamW(torch.optim.AdamW):
                 t = safe_fraction(entry["xtx"], grams["xtd"], grams["dtd"], entry["safe_eps"])
                 self._write(params, x_old + t.view(-1, 1, 1) * delta, wide)
         self._stabilize()
-
-    def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
-        return self._groups_of([param])[0]
 
     def _groups_of(self, params: list[torch.Tensor]) -> list[dict[str, Any]]:
         owner = {id(p): g for g in self.param_groups for p in g["params"]}
@@ -562,26 +562,18 @@ class LandingAdamW(torch.optim.AdamW):
                 x, y, theta = triples[i]
                 # The landing / retraction modes feed AdamW the field's skew part, which moves with the basis
                 # the other way round from a gradient (see transport_factor_moment).
-                fed = "field" if self._group_of(x)["mode"] in ("landing", "retraction") else "gradient"
-                for p, fn in ((x, lambda t, k: transport_factor_moment(t, Mx[j], k, fed)),
-                              (y, lambda t, k: transport_factor_moment(t, My[j], k, fed)),
-                              (theta, lambda t, k: transport_theta_moment(t, Mx[j], My[j], k))):
-                    state = self.state.get(p, {})
-                    for name, kind in (("exp_avg", "first"), ("exp_avg_sq", "second"), ("max_exp_avg_sq", "second")):
-                        if name not in state:
-                            continue
-                        st = state[name]
-                        if shards.is_dtensor(st) and p is theta:  # Θ is tiny: transform it whole, keep the local rows
-                            from torch.distributed.tensor import distribute_tensor
-
-                            full = fn(st.full_tensor(), kind).to(st.dtype)
-                            shard = distribute_tensor(full, st.device_mesh, st.placements, src_data_rank=None)
-                            st.to_local().copy_(shard.to_local())
-                        else:  # X, Y: the transform acts on columns, so every row shard transforms on its own
-                            local = shards.local_tensor(st)
-                            local.copy_(fn(local, kind).to(local.dtype))
+                fed = "field" if self._groups_of([x])[0]["mode"] in ("landing", "retraction") else "gradient"
+                transport_state(self.state.get(x, {}), lambda t, k: transport_factor_moment(t, Mx[j], k, fed))
+                transport_state(self.state.get(y, {}), lambda t, k: transport_factor_moment(t, My[j], k, fed))
+                transport_state(self.state.get(theta, {}), lambda t, k: transport_theta_moment(t, Mx[j], My[j], k),
+                                whole=True)
 
     # ------------------------------------------------------------------ reporting
+    @property
+    def has_measured_orthogonality(self) -> bool:
+        """Whether a ``step()`` has measured ‖XᵀX − I‖_F yet (then :meth:`orthogonality_report` costs no products)."""
+        return bool(self._last_orth)
+
     @torch.no_grad()
     def orthogonality_report(self, recompute: bool = False) -> dict[str, float]:
         """``{"max": ..., "mean": ..., "count": n, "peak": ...}`` of ‖XᵀX − I‖_F over the trainable factors.

@@ -28,7 +28,7 @@ cannot see its state: use it between runs, or together with a fresh optimiser.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
 
 import torch
@@ -41,6 +41,7 @@ __all__ = [
     "reorthonormalize_factors",
     "reorthonormalize_triples",
     "transport_factor_moment",
+    "transport_state",
     "transport_theta_moment",
 ]
 
@@ -124,6 +125,30 @@ def transport_theta_moment(m: torch.Tensor, Mx: torch.Tensor, My: torch.Tensor, 
     if m.ndim == 1:
         return torch.einsum("ci,c,ci->i", A, m.double(), B)
     return A.mT @ m.double() @ B
+
+
+@torch.no_grad()
+def transport_state(state: dict, transform: Callable[[torch.Tensor, str], torch.Tensor], whole: bool = False) -> None:
+    """Apply ``transform(moment, "first" | "second")`` in place to AdamW's moments in one parameter's ``state``.
+
+    ``whole=False`` (X, Y): the transform mixes columns only, so each row shard (FSDP2) transforms on its own.
+    ``whole=True`` (Θ, r × r): a sharded Θ is gathered, transformed, and its local rows written back.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    from .sharding import is_dtensor, local_tensor  # not at import time: sharding builds on this module
+
+    for name, kind in (("exp_avg", "first"), ("exp_avg_sq", "second"), ("max_exp_avg_sq", "second")):
+        if name not in state:
+            continue
+        moment = state[name]
+        if whole and is_dtensor(moment):
+            full = transform(moment.full_tensor(), kind).to(moment.dtype)
+            moment.to_local().copy_(distribute_tensor(full, moment.device_mesh, moment.placements,
+                                                      src_data_rank=None).to_local())
+        else:
+            local = local_tensor(moment)
+            local.copy_(transform(local, kind).to(local.dtype))
 
 
 @torch.no_grad()

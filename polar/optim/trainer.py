@@ -93,7 +93,7 @@ class PolarTrainerMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         opt = unwrap_landing_optimizer(getattr(self, "optimizer", None))
-        if opt is not None and opt._last_orth:
+        if opt is not None and opt.has_measured_orthogonality:
             report = opt.orthogonality_report()
             logs = {**logs, "polar_orth_max": report["max"], "polar_orth_mean": report["mean"],
                     "polar_orth_peak": report["peak"]}

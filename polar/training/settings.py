@@ -121,7 +121,7 @@ def resolve_settings(**kwargs: Any) -> TrainSettings:
 
 
 def check_optimizer_settings(settings: TrainSettings) -> None:
-    from polar.optim.optimizer import DEFAULT_MODE, LAMBDA_MODES
+    from polar.optim.optimizer import DEFAULT_MODE, LAMBDA_MODES, RETRACTION_MODES
 
     flags = {"optimizer_mode": settings.optimizer_mode, "retraction": settings.retraction,
              "safe_step": settings.safe_step, "stabilize_every": settings.stabilize_every,
@@ -138,6 +138,11 @@ def check_optimizer_settings(settings: TrainSettings) -> None:
         raise ValueError(f"--landing-lambda has no effect with --optimizer-mode {mode} (only "
                          f"{' and '.join(LAMBDA_MODES)} use λ); drop it, or add --optimizer-mode landing for the "
                          "paper's landing field.")
+    if options.get("retraction") is not None and mode not in RETRACTION_MODES:
+        raise ValueError(f"--retraction has no effect with --optimizer-mode {mode} (only "
+                         f"{' and '.join(RETRACTION_MODES)} retract); drop it or choose one of those modes.")
+    if options.get("safe_step") and mode != "landing":
+        raise ValueError(f"--safe-step limits the landing field's steps: it needs --optimizer-mode landing (got {mode}).")
 
 
 def optimizer_options(settings: TrainSettings) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 # The optimiser's default mode, stored with each adapter so that make_optimizer reproduces it (one source).
-from polar.optim.optimizer import DEFAULT_MODE as DEFAULT_OPTIMIZER_MODE
+from polar.optim.optimizer import DEFAULT_LAMBDA, DEFAULT_MODE as DEFAULT_OPTIMIZER_MODE
 
 THETA_KINDS = ("full", "diagonal")
 INIT_KINDS = ("orthogonal",)
@@ -83,7 +83,7 @@ class PolarConfig(PeftConfig):
         default=DEFAULT_OPTIMIZER_MODE,
         metadata={"help": "LandingAdamW mode make_optimizer uses for this adapter (riemannian, landing, ...)."},
     )
-    landing_lambda: float = field(default=5e-3, metadata={"help": "λ of the landing field (modes landing, penalty)."})
+    landing_lambda: float = field(default=DEFAULT_LAMBDA, metadata={"help": "λ of the landing field (modes landing, penalty)."})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored as (in, out), as GPT-2's Conv1D."})
     bias: Literal["none"] = field(default="none", metadata={"help": "Only 'none': biases are not trained."})
 
