@@ -206,3 +206,28 @@ def glue_accuracy(adapter_dir: str | Path, dev_tsv: str | Path, labels: list[str
             pred = int(model(**enc).logits.argmax(-1))
         correct += int(labels[pred] == row["label"])
     return correct / len(rows)
+
+
+def dense_median_stable_rank(adapter_dir: str | Path) -> float:
+    """Median over modules of ‖ΔW‖_F² / ‖ΔW‖_2², computed without polar.analyze: the base plus the adapter loaded with
+    PEFT, each adapted layer's ΔW formed densely from its own ``get_delta_weight`` and its singular values taken in
+    float64 (the analysis works from the r × r core instead)."""
+    import statistics
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import polar  # noqa: F401  (registers PoLAR)
+
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"], num_labels=2,
+                                                              ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    ranks = []
+    for module in model.modules():
+        if hasattr(module, "get_delta_weight") and (hasattr(module, "polar_X") or hasattr(module, "lora_A")):
+            with torch.no_grad():
+                s = torch.linalg.svdvals(module.get_delta_weight("default").double())
+            ranks.append(float((s.square().sum() / s[0].square()) if s[0] > 0 else 0.0))
+    return statistics.median(ranks)
