@@ -21,12 +21,14 @@ they are missing.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import append_row, read_rows, spread, verify_stable_ranks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "glue"
@@ -69,18 +71,8 @@ def _optimizer(row: dict[str, Any]) -> str:
     return f"{mode} ({row.get('retraction') or DEFAULT_RETRACTION})"
 
 
-def _read_rows(results: Path) -> list[dict[str, Any]]:
-    """The recorded cells, one per JSON line; none when the results file does not exist yet."""
-    if not results.is_file():
-        return []
-    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
 
 
-def _append(results: Path, row: dict[str, Any]) -> None:
-    results.parent.mkdir(parents=True, exist_ok=True)
-    # One write of one line: a killed run leaves either the whole row or none of it.
-    with results.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 def run_cell(args: argparse.Namespace, task: str, adapter: str, r: int, lr: float, seed: int) -> dict[str, Any]:
@@ -169,14 +161,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for lr in lrs:
                     for seed in (int(v) for v in args.seeds.split(",")):
                         cells.append((task, adapter, r, lr, seed))
-    done = {row["cell"] for row in _read_rows(Path(args.results))}
+    done = {row["cell"] for row in read_rows(Path(args.results))}
     todo = [c for c in cells
             if _cell_id(*c, args.steps, args.landing_lambda, args.optimizer_mode, args.retraction) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.results}, {len(todo)} to run")
     for i, (task, adapter, r, lr, seed) in enumerate(todo, 1):
         started = time.perf_counter()
         row = run_cell(args, task, adapter, r, lr, seed)
-        _append(Path(args.results), row)
+        append_row(Path(args.results), row)
         print(
             f"[{i}/{len(todo)}] {row['cell']}: {row['metric']} {row['value']:.4f}, median stable rank "
             f"{row['median_stable_rank']:.2f}, {row['seconds_per_step']:.3f} s/step ({time.perf_counter() - started:.0f} s)",
@@ -185,15 +177,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spread(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.3f}"
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    rows = _read_rows(Path(args.results))
+    rows = read_rows(Path(args.results))
     if not rows:
         print(f"no results in {args.results}")
         return 1
@@ -216,7 +203,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             peak_text = f"{max(p for p, _ in peaks):.3g}" + ("*" if any(sampled for _, sampled in peaks) else "")
         print(
             f"| {task} ({cell[0]['metric']}) | {r} | {adapter} | {optimizer} | {lr:g} | {steps} | {len(cell)} | "
-            f"{_spread([c['value'] for c in cell])} | {_spread([c['median_stable_rank'] for c in cell])} | "
+            f"{spread([c['value'] for c in cell])} | {spread([c['median_stable_rank'] for c in cell])} | "
             f"{peak_text} | {orth_text} | {statistics.median(c['seconds_per_step'] for c in cell):.3f} |"
         )
     if args.curves:
@@ -300,31 +287,11 @@ def _figure(rows: list[dict[str, Any]], out: Path) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Recompute every recorded stable rank with ``polar.analyze`` from the adapter saved under ``--runs``."""
-    import polar
-
-    rows = _read_rows(Path(args.results))
+    rows = read_rows(Path(args.results))
     if not rows:
         print(f"no results in {args.results}")
         return 1
-    checked, missing, wrong = 0, [], []
-    for row in rows:
-        run_dir = Path(args.runs) / row["cell"]
-        if not (run_dir / "adapter_config.json").is_file():
-            missing.append(row["cell"])
-            continue
-        recomputed = [float(v) for v in polar.analyze(str(run_dir))["stable_rank"]]
-        recorded = row["stable_ranks"]
-        worst = max((abs(a - b) for a, b in zip(recomputed, recorded)), default=0.0)
-        if len(recomputed) != len(recorded) or worst > args.tol:
-            wrong.append(f"{row['cell']}: {len(recorded)} recorded vs {len(recomputed)} modules, max |diff| {worst:.3g}")
-        checked += 1
-    print(f"{checked} cells recomputed from their adapters, {len(wrong)} differ by more than {args.tol:g}")
-    for line in wrong:
-        print(f"  DIFFERS {line}")
-    if missing:
-        print(f"{len(missing)} cells have no adapter under {args.runs} (rerun them with `run` to check): "
-              + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
-    return 1 if wrong else 0
+    return verify_stable_ranks(rows, Path(args.runs), args.tol)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polar.optim import sharding as _sharding
 from polar.optim.sharding import (
     SUPPORTED_SETUPS,
     RowSharding,
@@ -51,27 +52,8 @@ from polar.optim.sharding import (
     stiefel_sharding,
 )
 
-__all__ = [
-    "SUPPORTED_SETUPS",
-    "AdapterShapeError",
-    "RowSharding",
-    "UnsupportedShardingError",
-    "all_reduce_grams",
-    "check_model",
-    "check_stiefel_param",
-    "cholesky_qr",
-    "comm_stats",
-    "full_adapter_state_dict",
-    "gather_small",
-    "is_dtensor",
-    "like_param",
-    "local_tensor",
-    "reorthonormalize_sharded_triples",
-    "reset_comm_stats",
-    "row_sharding",
-    "save_adapter",
-    "stiefel_sharding",
-]
+# The optimiser's sharding names are re-exported, so polar.distributed.<name> keeps working for users.
+__all__ = sorted(["AdapterShapeError", "full_adapter_state_dict", "save_adapter", *_sharding.__all__])
 
 
 class AdapterShapeError(RuntimeError):
