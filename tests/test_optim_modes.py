@@ -274,17 +274,26 @@ def test_stabilize_every_carries_the_first_moments_into_the_new_basis() -> None:
             y.add_(0.05 * torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(6)))
     opt = make_optimizer(model, lr=0.0, mode="euclidean", stabilize_every=1, betas=(0.0, 0.0))
     _loss(model, 0).backward()
+    before = [(x.detach().clone(), x.grad.clone(), y.detach().clone(), y.grad.clone(), t.grad.clone())
+              for x, y, t in _triples(model)]
     opt.step()
     assert _max_orth(model) < 1e-10
     opt.zero_grad()
     _loss(model, 0).backward()  # the same batch at the new point
     checked = 0
-    for x, y, t in _triples(model):
+    for (x, y, t), (x0, gx, y0, gy, gt) in zip(_triples(model), before):
         for p in (x, y, t):
             torch.testing.assert_close(opt.state[p]["exp_avg"], p.grad, rtol=1e-8, atol=1e-12)
-            # β2 = 0: the second moment was g²; its image must stay positive and be exactly the formula's
-            assert float(opt.state[p]["exp_avg_sq"].min()) >= 0
             checked += 1
+        # β2 = 0: the second moment was g². Its image under X' = X M (M from least squares, independently of the
+        # optimiser): v' = g² (N ∘ N) with N = M⁻ᵀ for the factors, (M_X ∘ M_X)ᵀ g² (M_Y ∘ M_Y) for Θ.
+        Mx = torch.linalg.lstsq(x0, x.detach()).solution
+        My = torch.linalg.lstsq(y0, y.detach()).solution
+        Nx, Ny = torch.linalg.inv(Mx).mT, torch.linalg.inv(My).mT
+        torch.testing.assert_close(opt.state[x]["exp_avg_sq"], gx.square() @ Nx.square(), rtol=1e-7, atol=1e-14)
+        torch.testing.assert_close(opt.state[y]["exp_avg_sq"], gy.square() @ Ny.square(), rtol=1e-7, atol=1e-14)
+        torch.testing.assert_close(opt.state[t]["exp_avg_sq"], Mx.square().mT @ gt.square() @ My.square(),
+                                   rtol=1e-7, atol=1e-14)
     assert checked == 3 * 8
 
 
