@@ -70,7 +70,6 @@ __all__ = [
     "retraction_coefficient",
     "riemannian_gradient",
     "riemannian_gradient_from_grams",
-    "project_tangent",
     "safe_step_size",
     "safe_fraction",
 ]
@@ -188,19 +187,6 @@ def riemannian_gradient(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     _, gtx = gram_matrices(X, G)
     out = riemannian_gradient_from_grams(X, G, gtx).to(X.dtype)
     return out.mT if wide else out
-
-
-@_fp32_kernel
-def project_tangent(X: torch.Tensor, D: torch.Tensor, *, xtd: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The tangent part ``D − X sym(XᵀD)`` of a displacement ``D`` of tall orthonormal ``X`` (compute dtype).
-
-    ``xtd``: optional precomputed (row-sharded: all-reduced) ``XᵀD``.
-    """
-    cdt = compute_dtype(X.dtype)
-    Xc, Dc = X.to(cdt), D.to(cdt)
-    if xtd is None:
-        xtd = Xc.mT @ Dc
-    return Dc - Xc @ _sym(xtd.to(cdt))
 
 
 @_fp32_kernel

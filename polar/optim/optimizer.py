@@ -356,13 +356,12 @@ class LandingAdamW(torch.optim.AdamW):
             for lo in range(0, len(items), step_len):
                 chunk, gchunk = params_l[lo : lo + step_len], grads_l[lo : lo + step_len]
                 n = len(chunk)
-                if per_factor:
-                    X = torch.stack(chunk, out=old_all[lo : lo + n]) if old_all is not None else None
+                if per_factor:  # keep_old implies old_all here (per_factor needs in_place)
+                    if old_all is not None:
+                        torch.stack(chunk, out=old_all[lo : lo + n])
                     self._factor_fields(items[lo : lo + n], chunk, gchunk, mode, sharding, dists,
                                         field_all[lo : lo + n] if field_all is not None else None,
-                                        (X, xtxs) if keep_old else None)
-                    if keep_old:
-                        x_olds.append(X)
+                                        xtxs if keep_old else None)
                     continue
                 if old_all is not None:
                     X = torch.stack(chunk, out=old_all[lo : lo + n])
@@ -412,7 +411,7 @@ class LandingAdamW(torch.optim.AdamW):
 
     def _factor_fields(self, items: list[tuple[torch.Tensor, dict[str, Any]]], xs: list[torch.Tensor],
                        gs: list[torch.Tensor], mode: str, sharding: Any, dists: list[torch.Tensor],
-                       out: Optional[torch.Tensor], keep: Optional[tuple[Any, list[torch.Tensor]]]) -> None:
+                       out: Optional[torch.Tensor], xtxs: Optional[list[torch.Tensor]]) -> None:
         """The per-factor form of one chunk's step (CPU): the same kernels on each n × r factor and gradient in
         their own storage; only the r × r Grams are stacked (and reduced together, so row shards still issue one
         all-reduce per chunk)."""
@@ -422,8 +421,8 @@ class LandingAdamW(torch.optim.AdamW):
         grams = self._reduce(grams, sharding)
         xtx = grams["xtx"]
         dists.append(orthogonality_error_from_gram(xtx))
-        if keep is not None:
-            keep[1].append(xtx)
+        if xtxs is not None:  # the post-step needs the Grams of the factors before AdamW's step
+            xtxs.append(xtx)
         if mode == "euclidean":
             return
         lam, gtx = self._lam(items, xtx), grams.get("gtx")
