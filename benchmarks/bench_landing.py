@@ -7,7 +7,12 @@ Sections (all ratios are taken within one run, so machine-wide noise affects bot
    retraction (U Vᵀ of X), a QR retraction, and our Gram-based polar retraction X (XᵀX)^{-1/2}.
 2. ``set7b``: one optimiser step over a Llama-2-7B-shaped r = 32 adapter set (256 × (4096, 32) + 64 × (11008, 32)
    factors + 160 Θ's of 32 × 32, random data): LandingAdamW vs torch.optim.AdamW alone, same AdamW settings.
-3. ``train``: a full training step (forward, backward, optimiser) of a small Llama built from a config with PoLAR
+3. ``ceiling``: what the 7B-shaped transform could reach: the landing kernels alone per factor (no optimiser
+   bookkeeping), with each field written into one reused buffer (cache-resident: a bound no optimiser reaches,
+   since AdamW needs every field at once) and into a buffer for the whole set; the same flops as one bmm per shape on factors and gradients already stacked in (k, n, r) storage
+   (the layout the optimiser would need to own), and the copy of the gradients into such stacks that autograd's
+   per-parameter gradients would still force — each against the same thread's sgemm, interleaved in one loop.
+4. ``train``: a full training step (forward, backward, optimiser) of a small Llama built from a config with PoLAR
    (LandingAdamW) vs PEFT LoRA and DoRA (torch AdamW) at equal r, with peak memory.
 
 Memory on CPU: the torch profiler's per-op allocation events (``profile_memory=True``) are replayed in time order;
@@ -33,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from polar.optim import LandingAdamW
-from polar.optim.landing import landing_field, retract_polar, retract_qr
+from polar.optim.landing import gram_matrices, landing_field, landing_field_from_grams, retract_polar, retract_qr
 
 
 def _sync(device: torch.device) -> None:
@@ -199,6 +204,91 @@ def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | No
     )
 
 
+def bench_ceiling(device: torch.device, reps: int, r: int = 32, lam: float = 5e-3) -> str:
+    torch.manual_seed(0)
+    groups = {4096: 256, 11008: 64}
+    stacks = {n: (torch.linalg.qr(torch.randn(k, n, r, device=device))[0].contiguous(), 1e-3 * torch.randn(k, n, r, device=device))
+              for n, k in groups.items()}
+    # separate tensors, as parameters and autograd's gradients are
+    factors = [(x.clone(), g.clone()) for X, G in stacks.values() for x, g in zip(X, G)]
+    outs = {n: torch.empty_like(X) for n, (X, _) in stacks.items()}
+    grad_stacks = {n: torch.empty_like(G) for n, (_, G) in stacks.items()}
+    out_one = {n: torch.empty(n, r, device=device) for n in groups}
+    size = 2048
+    A, B = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+
+    def per_factor_hot():
+        for x, g in factors:
+            xtx, gtx = gram_matrices(x, g)
+            landing_field_from_grams(x, g, xtx, gtx, lam, out=out_one[x.shape[0]])
+
+    def per_factor():
+        fields = iter([f for n in groups for f in outs[n]])
+        for x, g in factors:
+            xtx, gtx = gram_matrices(x, g)
+            landing_field_from_grams(x, g, xtx, gtx, lam, out=next(fields))
+
+    def stacked():
+        for n, (X, G) in stacks.items():
+            xtx, gtx = gram_matrices(X, G)
+            landing_field_from_grams(X, G, xtx, gtx, lam, out=outs[n])
+
+    def copy_grads():
+        i = 0
+        for n, k in groups.items():
+            torch.stack([g for _, g in factors[i:i + k]], out=grad_stacks[n])
+            i += k
+
+    params = []
+    for x, g in factors:
+        p = torch.nn.Parameter(x)  # shares x: the transform reads the factors and gradients, writes neither
+        p.grad = g
+        params.append(p)
+
+    def transform(opt: LandingAdamW) -> Callable[[], None]:
+        def run() -> None:
+            swapped, _post = opt._transform_gradients()
+            for p, g in swapped:
+                p.grad = g
+        return run
+
+    optimisers = {chunk: LandingAdamW([dict(params=params, polar_role="stiefel")], mode="landing", landing_lambda=lam,
+                                      chunk_bytes=chunk) for chunk in (None, 4 << 20)}
+    fns = {"default": transform(optimisers[None]), "4 MiB": transform(optimisers[4 << 20]), "hot": per_factor_hot, "per factor": per_factor, "stacked": stacked, "gradient copy": copy_grads, "sgemm": lambda: A @ B}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(reps):
+            for k, fn in fns.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    flop = sum(8 * n * r * r * k for n, k in groups.items())
+    sgemm_rate = 2 * size**3 / med["sgemm"]
+    rows = [f"| {name} | {fmt_t(med[key])} | {flop / med[key] / 1e9:.1f} | **{100 * flop / med[key] / sgemm_rate:.0f} %** |"
+            for name, key in (("LandingAdamW's transform (default: one factor per chunk on CPU)", "default"),
+                              ("LandingAdamW's transform, chunk_bytes = 4 MiB (the earlier default)", "4 MiB"),
+                              ("kernels per factor, each field into one reused buffer (stays in cache)", "hot"),
+                              ("kernels per factor, the fields into one buffer for the set (what AdamW reads)", "per factor"),
+                              ("one bmm per shape, already stacked", "stacked"))]
+    both = med["stacked"] + med["gradient copy"]
+    rows.append(f"| stacked + copying the gradients into the stacks | {fmt_t(both)} | {flop / both / 1e9:.1f} | "
+                f"**{100 * flop / both / sgemm_rate:.0f} %** |")
+    return "\n".join([
+        f"{sum(groups.values())} factors (n ∈ {{4096, 11008}}, r = {r}, fp32): {flop / 1e9:.1f} GFLOP of Grams and field; "
+        f"sgemm {size}³ in the same loop: {sgemm_rate / 1e9:.1f} GFLOP/s; gradient copy alone {fmt_t(med['gradient copy'])}; "
+        f"median of {reps}.",
+        "",
+        "| landing transform | median | GFLOP/s | % of sgemm |",
+        "|---|---|---|---|",
+        *rows,
+    ])
+
+
 # ------------------------------------------------------------------------------------------------ 3. training step
 def _tiny_llama(device: torch.device, hidden: int, layers: int):
     import transformers
@@ -319,7 +409,7 @@ def bench_train(device: torch.device, hidden: int, layers: int, r: int, batch: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--sections", default="grid,set7b,train", help="comma-separated subset of grid,set7b,train")
+    ap.add_argument("--sections", default="grid,set7b,train", help="comma-separated subset of grid,set7b,ceiling,train")
     ap.add_argument("--ns", default="768,4096,11008")
     ap.add_argument("--rs", default="4,32,256")
     ap.add_argument("--target-s", type=float, default=0.5, help="seconds of repeats per grid cell and method")
@@ -351,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
                 bench_grid(device, [int(x) for x in a.ns.split(",")], [int(x) for x in a.rs.split(",")], a.target_s, nn_max), ""]
     if "set7b" in sections:
         out += ["### One optimiser step, Llama-2-7B-shaped r = 32 adapter set", "", bench_set7b(device, a.set_reps, foreach=a.foreach or None), ""]
+        print(out[-2], flush=True)
+    if "ceiling" in sections:
+        out += ["### The 7B-shaped landing transform: kernels alone, stacked storage, the gradient copy", "",
+                bench_ceiling(device, a.set_reps), ""]
         print(out[-2], flush=True)
     if "train" in sections:
         out += ["### Full training step, small Llama, PoLAR vs LoRA vs DoRA", "",

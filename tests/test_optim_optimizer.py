@@ -288,12 +288,17 @@ def test_batched_by_shape_and_all_grams_flow_through_the_hook() -> None:
 
 @pytest.mark.parametrize("mode", ["landing", "penalty"])
 def test_chunked_buckets_give_the_same_step(mode: str) -> None:
-    """chunk_bytes splits a bucket into stacks of a few factors (CPU default: 4 MiB); the result must not change."""
-    a, b = _model(), _model()
+    """chunk_bytes splits a bucket into stacks of a few factors (CPU default: one factor); the result must not change."""
+    a, b, c = _model(), _model(), _model()
     opt_a = make_optimizer(a, lr=1e-2, landing_lambda=0.3, mode=mode, chunk_bytes=3000)  # 2 factors of 64 × 4 per chunk
     opt_b = make_optimizer(b, lr=1e-2, landing_lambda=0.3, mode=mode, chunk_bytes=0)
+    opt_c = make_optimizer(c, lr=1e-2, landing_lambda=0.3, mode=mode)
+    assert opt_c._chunk_len((64, 4), torch.float32, torch.device("cpu"), per_factor=True) == 1
     _train(a, opt_a, 3)
     _train(b, opt_b, 3)
+    _train(c, opt_c, 3)
+    for p, q in zip(c.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     assert opt_a.orthogonality_report()["count"] == opt_b.orthogonality_report()["count"] == 16

@@ -129,7 +129,11 @@ def landing_field_from_grams(
     """
     cdt = xtx.dtype
     # Fold the normal term into the r × r coefficient so that the n × p work is one bmm + one baddbmm.
-    coef = gtx - lam * (xtx - _eye_like(xtx))
+    if isinstance(lam, float):  # the common case, in two r × r ops and no identity (per factor on CPU, it adds up)
+        coef = torch.add(gtx, xtx, alpha=-lam)
+        coef.diagonal(dim1=-2, dim2=-1).add_(lam)
+    else:
+        coef = gtx - lam * (xtx - _eye_like(xtx))
     Gc, Xc = G.to(cdt), X.to(cdt)
     if Gc.ndim == 3:
         field = torch.bmm(Gc, xtx, out=out) if out is not None else torch.bmm(Gc, xtx)

@@ -124,8 +124,9 @@ class LandingAdamW(torch.optim.AdamW):
             it only bites when a step would leave the safe region (``mode="landing"`` only).
         stabilize_every: every k optimiser steps, re-orthonormalise X and Y and fold the QR factors into Θ
             (ΔW unchanged); 0 disables. Needs the X, Y and Θ groups tied by ``polar_block``.
-        chunk_bytes: work on stacks of at most this many bytes per tensor (default: 4 MiB on CPU, so the stacks
-            stay in cache between the Gram and field products; whole buckets on GPU). ``0`` = whole buckets.
+        chunk_bytes: work on stacks of at most this many bytes per tensor (default on CPU: one factor at a time,
+            or 4 MiB stacks off the per-factor path, so that each factor is still in cache between its Grams and
+            its field; whole buckets on GPU and for row-sharded factors). ``0`` = whole buckets.
         **adamw_kwargs: passed to ``torch.optim.AdamW`` (``foreach``, ``fused``, ``amsgrad``, ...).
     """
 
@@ -241,6 +242,9 @@ class LandingAdamW(torch.optim.AdamW):
         """
         return grams
 
+    def _reduces_grams_itself(self) -> bool:
+        return type(self)._reduce_grams is not LandingAdamW._reduce_grams
+
     def _reduce(self, grams: dict[str, torch.Tensor], sharding: Optional[shards.RowSharding]) -> dict[str, torch.Tensor]:
         # Row-sharded (FSDP2) factors: one concatenated all-reduce over the shard group, then the hook.
         return self._reduce_grams(shards.all_reduce_grams(grams, sharding))
@@ -303,15 +307,20 @@ class LandingAdamW(torch.optim.AdamW):
 
     def _chunk_len(
         self, shape: tuple[int, ...], cdt: torch.dtype, device: torch.device,
-        sharding: Optional[shards.RowSharding] = None,
+        sharding: Optional[shards.RowSharding] = None, *, per_factor: bool = False,
     ) -> int:
         # Factors per chunk, from the *global* tall shape: every chunk issues an all-reduce when the factors are
         # row-sharded, so all ranks must chunk alike, and FSDP2's local shards differ in rows (even 0 rows).
-        # Default (chunk_bytes=None): 4 MiB on CPU; whole buckets on GPU and for row-sharded factors (one
-        # all-reduce per bucket; each rank's stacks are already 1 / world of the bucket).
+        # Default (chunk_bytes=None): on CPU 4 MiB stacks, or one factor on the per-factor path, so that its X and
+        # G are still in cache when the field reads them after the Grams (7B-shaped set, one thread, paired runs:
+        # 53–61 % of sgemm with 4 MiB chunks, 59–64 % with one factor; BENCHMARKS.md); whole buckets on GPU and for
+        # row-sharded factors (one all-reduce per bucket; each rank's stacks are already 1 / world of the bucket).
         chunk_bytes = self._chunk_bytes
         if chunk_bytes is None:
             sharded = sharding is not None and bool(sharding.mesh_dims)
+            # (a subclass that reduces the Grams itself keeps one reduction per 4 MiB chunk, as documented)
+            if device.type == "cpu" and not sharded and per_factor and not self._reduces_grams_itself():
+                return 1
             chunk_bytes = 4 << 20 if device.type == "cpu" and not sharded else 0
         if chunk_bytes <= 0:
             return 1 << 62
@@ -339,13 +348,13 @@ class LandingAdamW(torch.optim.AdamW):
             keep_old = safe is not None or mode == "riemannian"
             # Chunks: on CPU a few MiB, so that the stacked X and G are still in cache for the Gram and field
             # products; on GPU the whole bucket at once (fewest launches).
-            step_len = len(items) if wide else self._chunk_len(key[3], cdt, device, sharding)
             in_place = not wide and cdt == dtype
             # On CPU, one factor at a time straight from its own storage: stacking X and G cost ≈ 30 % of the
             # transform, and a single n × r factor already stays in cache between its Gram and field products
-            # (7B-shaped set, one thread: 297 → 218 ms, 53 → 72 % of sgemm; BENCHMARKS.md). On GPU, stacks: one
+            # (7B-shaped set, one thread: 254 → 217–228 ms, 57 → 63–66 % of sgemm; BENCHMARKS.md). On GPU, stacks: one
             # launch per bucket instead of one per factor.
             per_factor = in_place and device.type in self.per_factor_devices
+            step_len = len(items) if wide else self._chunk_len(key[3], cdt, device, sharding, per_factor=per_factor)
             field_all = None
             if in_place and mode != "euclidean":  # the whole bucket's field: it becomes the gradients AdamW reads
                 field_all = self._workspace((key, "F"), (len(items), *tall), cdt, device)
