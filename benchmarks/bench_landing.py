@@ -41,27 +41,42 @@ from polar.optim import LandingAdamW
 from polar.optim.landing import gram_matrices, landing_field, landing_field_from_grams, retract_polar, retract_qr
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def timeit(fn: Callable[[], object], device: torch.device, target_s: float, max_rep: int, min_rep: int = 3) -> float:
     """Median wall time of ``fn`` (seconds): one warm-up call, then as many repeats as fit in ``target_s``."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - t0
     reps = int(min(max_rep, max(min_rep, target_s / max(first, 1e-9))))
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int) -> dict[str, list[float]]:
+    """One warm-up call of each, then ``reps`` rounds calling each once in turn: changes in machine load hit all alike."""
+    for fn in fns.values():
+        fn()  # allocates optimiser state and buffers
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def fmt_t(s: float) -> str:
@@ -160,16 +175,7 @@ def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | No
     with warnings.catch_warnings():
         # the riemannian step warns that these factors (shared with the landing steps) are off the manifold
         warnings.simplefilter("ignore", RuntimeWarning)
-        for fn in fns.values():
-            fn()  # warm-up: allocates AdamW state and buffers
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
+        times = time_interleaved(fns, device, reps)
     t_plain, t_land, t_transform = (statistics.median(times[k]) for k in ("plain", "landing", "transform"))
     m_plain, m_land, m_transform = (min(times[k]) for k in ("plain", "landing", "transform"))
     n_params = sum(p.numel() for p in xs)
@@ -254,18 +260,10 @@ def bench_ceiling(device: torch.device, reps: int, r: int = 32, lam: float = 5e-
 
     optimisers = {chunk: LandingAdamW([dict(params=params, polar_role="stiefel")], mode="landing", landing_lambda=lam,
                                       chunk_bytes=chunk) for chunk in (None, 4 << 20)}
-    fns = {"default": transform(optimisers[None]), "4 MiB": transform(optimisers[4 << 20]), "hot": per_factor_hot, "per factor": per_factor, "stacked": stacked, "gradient copy": copy_grads, "sgemm": lambda: A @ B}
+    fns = {"default": transform(optimisers[None]), "4 MiB": transform(optimisers[4 << 20]), "hot": per_factor_hot,
+           "per factor": per_factor, "stacked": stacked, "gradient copy": copy_grads, "sgemm": lambda: A @ B}
     with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(reps):
-            for k, fn in fns.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                times[k].append(time.perf_counter() - t0)
+        times = time_interleaved(fns, device, reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     flop = sum(8 * n * r * r * k for n, k in groups.items())
     sgemm_rate = 2 * size**3 / med["sgemm"]
@@ -366,10 +364,10 @@ def bench_train(device: torch.device, hidden: int, layers: int, r: int, batch: i
         stepper(pm, opt)()  # warm-up, allocates optimiser state
     for _ in range(reps):
         for name, (pm, opt) in models.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             stepper(pm, opt)()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     rows = [
         "| adapter | trainable params | step (fwd+bwd+opt), median | vs LoRA | min | vs LoRA (min) | steady mem (params+grads+opt state+buffers) | transient peak during step | total peak | vs LoRA |",

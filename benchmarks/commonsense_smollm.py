@@ -9,10 +9,10 @@ JSON line to the results file and cells already there are skipped, so the grid r
 
     # 0. the zero-shot floor (base model, no adapter), once per task
     .venv/bin/python benchmarks/commonsense_smollm.py floor --tasks arc_easy,piqa,winogrande
-    # 1. learning-rate grid on one task (one seed, r = 8)
+    # 1. learning-rate grid on one task (one seed, r = 8): every rate of LR_GRID, or chosen ones with --lr
     .venv/bin/python benchmarks/commonsense_smollm.py run --tasks arc_easy --ranks 8 --seeds 0 --lr-grid
-    # 2. the grid with each adapter's chosen lr (--lr adapter=value), in slices of tasks / ranks / seeds
-    .venv/bin/python benchmarks/commonsense_smollm.py run --tasks arc_easy --ranks 8,32 --seeds 0,1
+    # 2. the grid with each adapter's lr taken from that grid (--lr-from; or --lr name=value), in slices
+    .venv/bin/python benchmarks/commonsense_smollm.py run --tasks piqa --ranks 8,32 --seeds 0,1 --lr-from arc_easy
     # 3. the table; 4. every recorded stable rank recomputed from the saved adapters
     .venv/bin/python benchmarks/commonsense_smollm.py report
     .venv/bin/python benchmarks/commonsense_smollm.py verify
@@ -157,6 +157,40 @@ def _tasks_dir(args: argparse.Namespace, tasks: list[str]) -> Path | None:
     return write_local_tasks(args.data, Path(args.runs) / "tasks", tasks)
 
 
+def _parse_lr(item: str, variants: list[str]) -> dict[str, tuple[float, ...]]:
+    """``NAME=LR[,LR...]``: NAME is an adapter (lora, dora, polar: every PoLAR variant) or ``polar-<variant>``."""
+    name, _, values = item.partition("=")
+    known = set(DEFAULT_LR) | {f"polar-{v}" for v in POLAR_VARIANTS}
+    if name not in known or not values:
+        raise SystemExit(f"--lr {item!r}: expected NAME=LR[,LR...] with NAME one of {', '.join(sorted(known))}")
+    try:
+        lrs = tuple(float(v) for v in values.split(","))
+    except ValueError:
+        raise SystemExit(f"--lr {item!r}: learning rates must be numbers") from None
+    if name == "polar":  # a plain polar=... sets every variant, overriding a per-variant choice from --lr-from
+        return {"polar": lrs, **{f"polar-{v}": lrs for v in variants}}
+    return {name: lrs}
+
+
+def choose_lrs(rows: list[dict[str, Any]], task: str, r: int, steps: int, eval_limit: int) -> dict[str, tuple[float, ...]]:
+    """Each adapter's (and PoLAR variant's) learning rate from the grid recorded on ``task``: the one with the highest
+    acc among seed-0 cells of rank ``r``, the same steps and evaluation subset (ties: the smaller lr)."""
+    best: dict[str, tuple[float, float]] = {}
+    for row in rows:
+        if (row["task"], row["r"], row.get("seed"), row["steps"], row["eval_limit"]) != (task, r, 0, steps, eval_limit):
+            continue
+        name = f"polar-{row['variant']}" if row["adapter"] == "polar" else row["adapter"]
+        acc, lr = float(row["metrics"]["acc"]), float(row["learning_rate"])
+        if name not in best or (acc, -lr) > (best[name][0], -best[name][1]):
+            best[name] = (acc, lr)
+    if not best:
+        raise SystemExit(f"--lr-from {task}: no seed-0 cells of r = {r}, {steps} steps, eval limit {eval_limit} in "
+                         "the results file; run the learning-rate grid first (see the module docstring)")
+    for name, (acc, lr) in sorted(best.items()):
+        print(f"lr chosen on {task} (r = {r}, seed 0): {name} {lr:g} (acc {acc:.4f})")
+    return {name: (lr,) for name, (_acc, lr) in best.items()}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     variants = args.polar_variants.split(",")
     for variant in variants:
@@ -165,16 +199,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     tasks_dir = _tasks_dir(args, tasks)
     if tasks_dir is None:
         return 0
-    chosen = dict(DEFAULT_LR)
+    chosen: dict[str, tuple[float, ...]] = {name: (lr,) for name, lr in DEFAULT_LR.items()}
+    if args.lr_from:
+        chosen.update(choose_lrs(read_rows(Path(args.results)), args.lr_from, args.lr_from_rank, args.steps,
+                                 args.eval_limit))
     for item in args.lr or []:
-        name, _, value = item.partition("=")
-        chosen[name] = float(value)
+        chosen.update(_parse_lr(item, variants))
     cells = []
     for task in tasks:
         for r in (int(v) for v in args.ranks.split(",")):
             for adapter in args.adapters.split(","):
                 for variant in variants if adapter == "polar" else [None]:
-                    for lr in LR_GRID[adapter] if args.lr_grid else (chosen[adapter],):
+                    name = f"polar-{variant}" if adapter == "polar" else adapter
+                    lrs = LR_GRID[adapter] if args.lr_grid else chosen.get(name, chosen[adapter])
+                    for lr in lrs:
                         for seed in (int(v) for v in args.seeds.split(",")):
                             cells.append((task, adapter, variant, r, lr, seed))
     done = {row["cell"] for row in read_rows(Path(args.results))}
@@ -282,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--ranks", default="8,32")
     run.add_argument("--seeds", default="0,1")
     run.add_argument("--lr-grid", action="store_true", help="run every learning rate of the grid instead")
-    run.add_argument("--lr", action="append", metavar="ADAPTER=LR", help="override an adapter's learning rate")
+    run.add_argument("--lr", action="append", metavar="NAME=LR[,LR...]",
+                     help="learning rate(s) of an adapter (lora, dora, polar) or one PoLAR variant (polar-<variant>); "
+                          "several values run each")
+    run.add_argument("--lr-from", metavar="TASK", help="take each adapter's lr from the grid recorded on TASK")
+    run.add_argument("--lr-from-rank", type=int, default=8, help="the rank of that grid (default 8)")
     run.add_argument("--steps", type=int, default=300)
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--cutoff", type=int, default=64, help="tokens per training example")

@@ -50,7 +50,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_landing import nn_field, steady_bytes, svd_polar, timeit, transient_peak_cpu  # noqa: E402
+from bench_landing import (  # noqa: E402
+    nn_field, steady_bytes, svd_polar, sync, time_interleaved, timeit, transient_peak_cpu,
+)
 
 from polar.io import atomic_write_text  # noqa: E402
 
@@ -121,27 +123,6 @@ class Ctx:
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, list[float]]:
-    """Wall times of each function, called round robin ``reps`` times after one warm-up call each (load changes on
-    a shared machine hit all of them alike)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 @contextlib.contextmanager
@@ -259,8 +240,8 @@ def section_b(ctx: Ctx, res: Results) -> None:
                 for p, g in swapped:
                     p.grad = g
 
-            times = interleaved({"adamw": plain.step, "landing": landing.step, "transform": transform_only},
-                                reps, ctx.device)
+            times = time_interleaved({"adamw": plain.step, "landing": landing.step, "transform": transform_only},
+                                     ctx.device, reps)
             med = {k: statistics.median(v) for k, v in times.items()}
             ratio = med["landing"] / med["adamw"]
             data = dict(mode=mode, impl=impl, dtype=str(dtype), factors=len(xs),
@@ -352,7 +333,7 @@ def train_step_cell(ctx: Ctx, res: Results, base: Any, what: str, vocab: int, ba
             opt.zero_grad(set_to_none=True)
         return step
 
-    times = interleaved({k: stepper(*v) for k, v in models.items()}, reps, ctx.device)
+    times = time_interleaved({k: stepper(*v) for k, v in models.items()}, ctx.device, reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {}
     for name, (pm, opt) in models.items():

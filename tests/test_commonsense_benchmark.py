@@ -103,3 +103,37 @@ def test_unknown_setting_of_a_variant_is_refused(monkeypatch):
     monkeypatch.setitem(bench.POLAR_VARIANTS, "future", {"no_such_setting": 1})
     with pytest.raises(SystemExit, match="no_such_setting"):
         bench.main(["run", "--polar-variants", "future", "--data", "/nonexistent-but-checked-later"])
+
+
+def _grid_row(adapter, variant, lr, acc, *, task="arc_easy", r=8, seed=0, steps=60, limit=200):
+    return {"task": task, "adapter": adapter, "variant": variant, "r": r, "learning_rate": lr, "seed": seed,
+            "steps": steps, "eval_limit": limit, "metrics": {"acc": acc}}
+
+
+def test_learning_rates_chosen_from_the_recorded_grid(capsys):
+    bench = _load_script()
+    rows = [
+        _grid_row("lora", None, 4e-4, 0.60), _grid_row("lora", None, 1e-3, 0.65), _grid_row("lora", None, 2e-3, 0.65),
+        _grid_row("polar", "riemannian", 4e-3, 0.62), _grid_row("polar", "riemannian", 8e-3, 0.58),
+        _grid_row("polar", "landing", 2e-3, 0.61),
+        # not the grid: other task, seed, rank, budget or evaluation subset
+        _grid_row("lora", None, 8e-3, 0.99, task="piqa"), _grid_row("lora", None, 8e-3, 0.99, seed=1),
+        _grid_row("lora", None, 8e-3, 0.99, r=32), _grid_row("lora", None, 8e-3, 0.99, steps=300),
+        _grid_row("lora", None, 8e-3, 0.99, limit=500),
+    ]
+    chosen = bench.choose_lrs(rows, "arc_easy", 8, 60, 200)
+    assert chosen == {"lora": (1e-3,), "polar-riemannian": (4e-3,), "polar-landing": (2e-3,)}  # tie → smaller lr
+    assert "polar-riemannian 0.004 (acc 0.6200)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no seed-0 cells of r = 8, 300 steps"):
+        bench.choose_lrs(rows[:6], "arc_easy", 8, 300, 200)
+
+
+def test_learning_rate_flags(tmp_path):
+    bench = _load_script()
+    assert bench._parse_lr("lora=1e-3,2e-3", ["riemannian"]) == {"lora": (1e-3, 2e-3)}
+    assert bench._parse_lr("polar-landing=2e-3", ["riemannian", "landing"]) == {"polar-landing": (2e-3,)}
+    assert bench._parse_lr("polar=1e-3", ["riemannian", "landing"]) == {
+        "polar": (1e-3,), "polar-riemannian": (1e-3,), "polar-landing": (1e-3,)}
+    for bad in ("lorra=1e-3", "lora=", "polar-sgd=1e-3", "lora=fast"):
+        with pytest.raises(SystemExit, match="--lr"):
+            bench._parse_lr(bad, ["riemannian"])
