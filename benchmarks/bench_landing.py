@@ -7,11 +7,12 @@ Sections (all ratios are taken within one run, so machine-wide noise affects bot
    retraction (U Vᵀ of X), a QR retraction, and our Gram-based polar retraction X (XᵀX)^{-1/2}.
 2. ``set7b``: one optimiser step over a Llama-2-7B-shaped r = 32 adapter set (256 × (4096, 32) + 64 × (11008, 32)
    factors + 160 Θ's of 32 × 32, random data): LandingAdamW vs torch.optim.AdamW alone, same AdamW settings.
-3. ``ceiling``: what the 7B-shaped transform could reach: the landing kernels alone per factor (no optimiser
-   bookkeeping), with each field written into one reused buffer (cache-resident: a bound no optimiser reaches,
-   since AdamW needs every field at once) and into a buffer for the whole set; the same flops as one bmm per shape on factors and gradients already stacked in (k, n, r) storage
-   (the layout the optimiser would need to own), and the copy of the gradients into such stacks that autograd's
-   per-parameter gradients would still force — each against the same thread's sgemm, interleaved in one loop.
+3. ``ceiling``: what the 7B-shaped transform could reach. LandingAdamW's transform (default chunking and 4 MiB
+   chunks); the landing kernels alone per factor (no optimiser bookkeeping), with each field written into one
+   reused buffer (cache-resident: a bound no optimiser reaches, since AdamW needs every field at once) and into a
+   buffer for the whole set; the same flops as one bmm per shape on factors and gradients already stacked in
+   (k, n, r) storage (the layout the optimiser would need to own), and the copy of the gradients into such stacks
+   that autograd's per-parameter gradients would still force. Each against the same thread's sgemm, in one loop.
 4. ``train``: a full training step (forward, backward, optimiser) of a small Llama built from a config with PoLAR
    (LandingAdamW) vs PEFT LoRA and DoRA (torch AdamW) at equal r, with peak memory.
 
@@ -358,17 +359,7 @@ def bench_train(device: torch.device, hidden: int, layers: int, r: int, batch: i
             opt.zero_grad(set_to_none=True)
         return step
 
-    # Interleave the three setups repeatedly (round robin) so load changes on the shared machine hit all alike.
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for pm, opt in models.values():
-        stepper(pm, opt)()  # warm-up, allocates optimiser state
-    for _ in range(reps):
-        for name, (pm, opt) in models.items():
-            sync(device)
-            t0 = time.perf_counter()
-            stepper(pm, opt)()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+    times = time_interleaved({name: stepper(pm, opt) for name, (pm, opt) in models.items()}, device, reps)
     rows = [
         "| adapter | trainable params | step (fwd+bwd+opt), median | vs LoRA | min | vs LoRA (min) | steady mem (params+grads+opt state+buffers) | transient peak during step | total peak | vs LoRA |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -346,14 +346,14 @@ class LandingAdamW(torch.optim.AdamW):
             post.append(entry)
             # The post-step of these needs the factors as they were before AdamW moved them.
             keep_old = safe is not None or mode == "riemannian"
-            # Chunks: on CPU a few MiB, so that the stacked X and G are still in cache for the Gram and field
-            # products; on GPU the whole bucket at once (fewest launches).
             in_place = not wide and cdt == dtype
             # On CPU, one factor at a time straight from its own storage: stacking X and G cost ≈ 30 % of the
             # transform, and a single n × r factor already stays in cache between its Gram and field products
             # (7B-shaped set, one thread: 254 → 217–228 ms, 57 → 63–66 % of sgemm; BENCHMARKS.md). On GPU, stacks: one
             # launch per bucket instead of one per factor.
             per_factor = in_place and device.type in self.per_factor_devices
+            # Chunks (see _chunk_len): on CPU one factor, or a few MiB of stacks, so that X and G are still in
+            # cache for the field after the Grams; on GPU the whole bucket at once (fewest launches).
             step_len = len(items) if wide else self._chunk_len(key[3], cdt, device, sharding, per_factor=per_factor)
             field_all = None
             if in_place and mode != "euclidean":  # the whole bucket's field: it becomes the gradients AdamW reads
