@@ -39,7 +39,9 @@ from collections.abc import Callable
 import torch
 
 from polar.optim import LandingAdamW
-from polar.optim.landing import gram_matrices, landing_field, landing_field_from_grams, retract_polar, retract_qr
+from polar.optim.executors import Workspace, prepare
+from polar.optim.landing import landing_field, landing_field_from_grams
+from polar.optim.stiefel import retract
 
 
 def sync(device: torch.device) -> None:
@@ -117,8 +119,8 @@ def bench_grid(device: torch.device, ns: list[int], rs: list[int], target_s: flo
                 t_nn = float("nan")
                 skipped.append(f"({n}, {r}): {gflop:.0f} GFLOP + {n * n * 4 / 1e9:.1f} GB n × n buffers")
             t_svd = timeit(lambda: svd_polar(X), device, target_s, 50)
-            t_qr = timeit(lambda: retract_qr(X), device, target_s, 50)
-            t_gp = timeit(lambda: retract_polar(X), device, target_s, 100)
+            t_qr = timeit(lambda: retract(X, "qr"), device, target_s, 50)
+            t_gp = timeit(lambda: retract(X, "polar"), device, target_s, 100)
             speed = "—" if t_nn != t_nn else f"**{t_nn / t_ours:.0f}×**"
             rows.append(
                 f"| {n} | {r} | {fmt_t(t_ours)} | {fmt_t(t_nn)} | {speed} | {fmt_t(t_svd)} | {fmt_t(t_qr)} | {fmt_t(t_gp)} |"
@@ -129,6 +131,17 @@ def bench_grid(device: torch.device, ns: list[int], rs: list[int], target_s: flo
     if skipped:
         text += "\n\nn × n form skipped (over --nn-max-gflop = %g): %s." % (nn_max_gflop, "; ".join(skipped))
     return text
+
+
+def transform_of(opt: LandingAdamW) -> Callable[[], None]:
+    """The part of ``opt.step()`` before AdamW: Grams, orthogonality errors and the mode's direction per bucket."""
+    workspace = Workspace()
+
+    @torch.no_grad()
+    def run() -> None:
+        for bucket in opt.buckets():
+            prepare(bucket, workspace)
+    return run
 
 
 # ------------------------------------------------------------------------------------------------ 2. 7B set
@@ -163,11 +176,7 @@ def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | No
         [dict(params=xs, polar_role="stiefel"), dict(params=ths, polar_role="theta")], lr=4e-3, mode="riemannian",
         **kw,
     )
-    @torch.no_grad()
-    def transform_only():
-        swapped, _post = landing._transform_gradients()
-        for p, g in swapped:  # put the raw gradients back, as step() does
-            p.grad = g
+    transform_only = transform_of(landing)
 
     # Both see the same parameters and gradients (the steps are tiny, so repeated steps stay realistic). The three
     # are interleaved rep by rep, so changes in machine load hit all of them alike.
@@ -226,19 +235,16 @@ def bench_ceiling(device: torch.device, reps: int, r: int = 32, lam: float = 5e-
 
     def per_factor_hot():
         for x, g in factors:
-            xtx, gtx = gram_matrices(x, g)
-            landing_field_from_grams(x, g, xtx, gtx, lam, out=out_one[x.shape[0]])
+            landing_field_from_grams(x, g, x.mT @ x, g.mT @ x, lam, out=out_one[x.shape[0]])
 
     def per_factor():
         fields = iter([f for n in groups for f in outs[n]])
         for x, g in factors:
-            xtx, gtx = gram_matrices(x, g)
-            landing_field_from_grams(x, g, xtx, gtx, lam, out=next(fields))
+            landing_field_from_grams(x, g, x.mT @ x, g.mT @ x, lam, out=next(fields))
 
     def stacked():
         for n, (X, G) in stacks.items():
-            xtx, gtx = gram_matrices(X, G)
-            landing_field_from_grams(X, G, xtx, gtx, lam, out=outs[n])
+            landing_field_from_grams(X, G, X.mT @ X, G.mT @ X, lam, out=outs[n])
 
     def copy_grads():
         i = 0
@@ -252,16 +258,9 @@ def bench_ceiling(device: torch.device, reps: int, r: int = 32, lam: float = 5e-
         p.grad = g
         params.append(p)
 
-    def transform(opt: LandingAdamW) -> Callable[[], None]:
-        def run() -> None:
-            swapped, _post = opt._transform_gradients()
-            for p, g in swapped:
-                p.grad = g
-        return run
-
     optimisers = {chunk: LandingAdamW([dict(params=params, polar_role="stiefel")], mode="landing", landing_lambda=lam,
                                       chunk_bytes=chunk) for chunk in (None, 4 << 20)}
-    fns = {"default": transform(optimisers[None]), "4 MiB": transform(optimisers[4 << 20]), "hot": per_factor_hot,
+    fns = {"default": transform_of(optimisers[None]), "4 MiB": transform_of(optimisers[4 << 20]), "hot": per_factor_hot,
            "per factor": per_factor, "stacked": stacked, "gradient copy": copy_grads, "sgemm": lambda: A @ B}
     with torch.no_grad():
         times = time_interleaved(fns, device, reps)

@@ -41,8 +41,13 @@ LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "dora": (5e-4, 1e-3, 2e-3), "polar": (1e-
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "polar": 2e-3}
 TARGETS = ("query", "key", "value", "dense")
 REFERENCE_LAMBDA = 5e-3  # the reference's commonsense λ
-DEFAULT_RETRACTION = "polar"  # polar.optim's default retraction (not imported: `--help` stays fast)
-LAMBDA_MODES = ("landing", "penalty")
+
+
+def _modes():
+    """polar.optim's mode table (imported on use, so that `--help` stays fast): (λ modes, default retraction)."""
+    from polar.optim.modes import DEFAULT_RETRACTION, lambda_modes
+
+    return lambda_modes(), DEFAULT_RETRACTION
 
 
 def _cell_id(
@@ -53,6 +58,7 @@ def _cell_id(
     # optimiser mode is part of the id.
     opt = ""
     if adapter == "polar":
+        LAMBDA_MODES, DEFAULT_RETRACTION = _modes()
         if mode in LAMBDA_MODES:
             opt = f"-{mode}" if mode != "landing" else ""
             opt += f"-lam{landing_lambda:g}" if landing_lambda != REFERENCE_LAMBDA else ""
@@ -66,6 +72,7 @@ def _optimizer(row: dict[str, Any]) -> str:
     if row["adapter"] != "polar":
         return "–"
     mode = row.get("optimizer_mode", "landing")
+    LAMBDA_MODES, DEFAULT_RETRACTION = _modes()
     if mode in LAMBDA_MODES:
         return f"{mode} λ={row['landing_lambda']:g}"
     return f"{mode} ({row.get('retraction') or DEFAULT_RETRACTION})"
@@ -81,6 +88,7 @@ def run_cell(args: argparse.Namespace, task: str, adapter: str, r: int, lr: floa
 
     cell = _cell_id(task, adapter, r, lr, seed, args.steps, args.landing_lambda, args.optimizer_mode, args.retraction)
     run_dir = Path(args.runs) / cell
+    LAMBDA_MODES, DEFAULT_RETRACTION = _modes()
     extra: dict[str, Any] = {}
     if adapter == "polar":
         # Always explicit, so that a cell means the same whatever the library's default mode is.

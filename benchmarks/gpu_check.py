@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_landing import (  # noqa: E402
-    nn_field, steady_bytes, svd_polar, sync, time_interleaved, timeit, transient_peak_cpu,
+    nn_field, steady_bytes, svd_polar, sync, time_interleaved, timeit, transform_of, transient_peak_cpu,
 )
 
 from polar.io import atomic_write_text  # noqa: E402
@@ -154,7 +154,8 @@ def llama(ctx: Ctx, hidden: int, layers: int, inter: int | None = None, heads: i
 
 # ------------------------------------------------------------------------------------------------ a. per factor
 def section_a(ctx: Ctx, res: Results) -> None:
-    from polar.optim.landing import landing_field, retract_polar, retract_qr
+    from polar.optim.landing import landing_field
+    from polar.optim.stiefel import retract
 
     dev, s = ctx.device, ctx.sizes
     # correctness first: the field against the dense n × n formula, fp64, on this device
@@ -182,8 +183,8 @@ def section_a(ctx: Ctx, res: Results) -> None:
                 "ours_field": timeit(lambda: landing_field(X, G, 5e-3), dev, s["grid_target_s"], 200),
                 "nn_form": timeit(lambda: nn_field(X, G, 5e-3), dev, s["grid_target_s"], 50),
                 "svd_polar_retraction": timeit(lambda: svd_polar(X), dev, s["grid_target_s"], 50),
-                "qr_retraction": timeit(lambda: retract_qr(X), dev, s["grid_target_s"], 50),
-                "gram_polar_retraction": timeit(lambda: retract_polar(X), dev, s["grid_target_s"], 100),
+                "qr_retraction": timeit(lambda: retract(X, "qr"), dev, s["grid_target_s"], 50),
+                "gram_polar_retraction": timeit(lambda: retract(X, "polar"), dev, s["grid_target_s"], 100),
             }
             with exact_matmuls():
                 a, b = landing_field(X, G, 5e-3), nn_field(X, G, 5e-3)
@@ -215,7 +216,7 @@ def set7b_params(ctx: Ctx, dtype: torch.dtype, scale: int, r: int = 32) -> tuple
 
 def section_b(ctx: Ctx, res: Results) -> None:
     from polar.optim import LandingAdamW
-    from polar.optim.optimizer import VALID_MODES
+    from polar.optim.modes import MODES as VALID_MODES
 
     scale, reps = ctx.sizes["set_scale"], ctx.sizes["set_reps"]
     # the landing step, and the Stiefel-Adam step (tangent-projected update + retraction) where it exists
@@ -234,11 +235,7 @@ def section_b(ctx: Ctx, res: Results) -> None:
                 res.add("b", name, "skip", reason=f"{impl} AdamW unavailable here: {exc}")
                 continue
 
-            @torch.no_grad()
-            def transform_only() -> None:
-                swapped, _ = landing._transform_gradients()
-                for p, g in swapped:
-                    p.grad = g
+            transform_only = transform_of(landing)
 
             times = time_interleaved({"adamw": plain.step, "landing": landing.step, "transform": transform_only},
                                      ctx.device, reps)

@@ -8,8 +8,8 @@ DDP (``torchrun``, ``accelerate launch``)
 FSDP2 (``torch.distributed.fsdp.fully_shard``, accelerate ``fsdp_version: 2``)
     Every parameter becomes a DTensor sharded by rows (``Shard(0)``); the landing optimiser works on local rows and
     all-reduces only r × r Gram matrices (how: :mod:`polar.optim.sharding`, whose public names are re-exported
-    here: :func:`all_reduce_grams`, :func:`cholesky_qr`, :func:`reorthonormalize_sharded_triples`,
-    :func:`comm_stats`, ...). Uneven shards, including ranks holding no rows of a factor, are supported.
+    here: :func:`all_reduce_grams`, :func:`gram_reduction`, :func:`comm_stats`, ...). Uneven shards, including
+    ranks holding no rows of a factor, are supported.
 
     Order: shard first (``fully_shard``), then build the optimiser (:func:`polar.make_optimizer`), so that it
     holds the sharded parameters. With accelerate, pass the optimiser to ``accelerator.prepare`` together with the
@@ -40,13 +40,12 @@ from polar.optim.sharding import (
     all_reduce_grams,
     check_model,
     check_stiefel_param,
-    cholesky_qr,
     comm_stats,
     gather_small,
+    gram_reduction,
     is_dtensor,
     like_param,
     local_tensor,
-    reorthonormalize_sharded_triples,
     reset_comm_stats,
     row_sharding,
     stiefel_sharding,

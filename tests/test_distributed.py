@@ -126,8 +126,9 @@ def _scenario_ddp(rank: int, out: Path) -> dict:
 def _scenario_fsdp_field(rank: int) -> dict:
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from polar.distributed import comm_stats, is_dtensor, reset_comm_stats
+    from polar.distributed import comm_stats, is_dtensor, like_param, reset_comm_stats
     from polar.optim import make_optimizer
+    from polar.optim.executors import Workspace, prepare
 
     model = build(drift=0.05)  # off the manifold, so that the normal term and ‖XᵀX − I‖ are not ~0
     shard(model)
@@ -140,12 +141,13 @@ def _scenario_fsdp_field(rank: int) -> dict:
     G = [p.grad.full_tensor() for p in params]
     reset_comm_stats()
     with CommDebugMode() as comm:
-        swapped, _post = opt._transform_gradients()  # the step's field computation, without AdamW's update
+        buckets = opt.buckets()  # the step's field computation, without AdamW's update
+        for bucket in buckets:
+            prepare(bucket, Workspace())
     counts = {str(k): v for k, v in comm.get_comm_counts().items()}
     stats = comm_stats()
-    field = [p.grad.full_tensor() for p in params]
-    for p, g in swapped:
-        p.grad = g
+    fed = {id(p): like_param(f, p) for b in buckets for p, f in zip(b.params, b.fed)}
+    field = [fed[id(p)].full_tensor() for p in params]
     orth_step = opt.orthogonality_report()
     with CommDebugMode() as comm_report:
         orth_now = opt.orthogonality_report(recompute=True)
@@ -204,7 +206,8 @@ def _scenario_fsdp_train(rank: int, out: Path) -> dict:
 
 
 def _scenario_fsdp_stabilize(rank: int) -> dict:
-    from polar.distributed import comm_stats, reorthonormalize_sharded_triples, reset_comm_stats
+    from polar.distributed import comm_stats, reset_comm_stats
+    from polar.optim.stabilize import reorthonormalize_triples
     from polar.tuner import iter_polar_layers
 
     results = {}
@@ -221,7 +224,7 @@ def _scenario_fsdp_stabilize(rank: int) -> dict:
         full = lambda: [tuple(t.full_tensor() for t in tr) for tr in triples]  # noqa: E731
         before = full()
         reset_comm_stats()
-        errors = reorthonormalize_sharded_triples(triples)
+        errors = reorthonormalize_triples(triples).before
         stats = comm_stats()
         results[theta] = {"before": before, "after": full(), "errors": errors, "stats": stats,
                           "scaling": [l.scaling["default"] for l in layers]}
@@ -403,7 +406,7 @@ def test_fsdp2_landing_uses_one_small_all_reduce_per_bucket_and_no_gather(dist_r
 
 
 def test_fsdp2_orthogonality_report_equals_dense(dist_run):
-    from polar.optim.landing import orthogonality_error
+    from polar.optim.stiefel import orthogonality_error
 
     res = _result(dist_run, "fsdp_field")
     errs = torch.stack([orthogonality_error(X) for X in res["X"]])
@@ -437,7 +440,7 @@ def test_fsdp2_roles_survive_accelerate_parameter_swap(dist_run):
 
 @pytest.mark.parametrize("theta", ["full", "diagonal"])
 def test_fsdp2_reorthonormalize_keeps_delta_w_and_matches_qr(dist_run, theta):
-    from polar.optim.landing import orthogonality_error
+    from polar.optim.stiefel import orthogonality_error
     from polar.optim.stabilize import reorthonormalize_triples
 
     res = _result(dist_run, "fsdp_stabilize")[theta]
@@ -446,7 +449,7 @@ def test_fsdp2_reorthonormalize_keeps_delta_w_and_matches_qr(dist_run, theta):
         m1 = torch.diag(t1) if t1.ndim == 1 else t1
         torch.testing.assert_close(s * x1 @ m1 @ y1.T, s * x0 @ m0 @ y0.T, atol=1e-5, rtol=0)
         assert orthogonality_error(x0) > 1e-2 and orthogonality_error(x1) < 1e-5 and orthogonality_error(y1) < 1e-5
-        # the single-process Householder-QR path gives the same factors (Cholesky QR = QR with diag(R) > 0)
+        # the same in a single process (Cholesky QR from whole-factor Grams) gives the same factors
         x2, y2, t2 = x0.clone(), y0.clone(), t0.clone()
         reorthonormalize_triples([(x2, y2, t2)])
         for a, b in ((x1, x2), (y1, y2), (t1, t2)):

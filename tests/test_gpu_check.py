@@ -43,7 +43,7 @@ def test_sections_at_tiny_size_write_one_results_file(tmp_path, one_thread):
     assert a["n=256,r=8"]["rel_err_vs_nn"] < 1e-4
     assert {"ours_field_s", "nn_form_s", "svd_polar_retraction_s", "qr_retraction_s"} <= set(a["n=256,r=8"])
     # b: fp32 and bf16 × three AdamW implementations × the modes, each measured (or skipped with the reason)
-    from polar.optim.optimizer import VALID_MODES
+    from polar.optim.modes import MODES as VALID_MODES
 
     b = _by(recs, "b")
     assert len(b) == 6 * sum(m in VALID_MODES for m in ("landing", "riemannian"))

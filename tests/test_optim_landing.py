@@ -6,17 +6,10 @@ import pytest
 import torch
 
 import polar
-from polar.optim.landing import (
-    gram_matrices,
-    landing_field,
-    landing_field_from_grams,
-    orthogonality_error,
-    penalty_field,
-    retract_polar,
-    retract_qr,
-    safe_step_size,
-)
+from polar.optim.ablations import penalty_field_from_grams, safe_step_size
+from polar.optim.landing import landing_field, landing_field_from_grams
 from polar.optim.stabilize import reorthonormalize_factors
+from polar.optim.stiefel import Stiefel, orthogonality_error, retract
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,9 +118,11 @@ def test_row_sharded_grams_give_the_rows_of_the_field() -> None:
     X = _off_manifold(90, 8, seed=12)
     G = torch.randn(90, 8, generator=_gen(13), dtype=D)
     parts = [(X[:31], G[:31]), (X[31:], G[31:])]
-    xtx = sum(gram_matrices(x)[0] for x, _ in parts)
-    gtx = sum(gram_matrices(x, g)[1] for x, g in parts)
-    shards = [landing_field(x, g, 0.2, xtx=xtx, gtx=gtx) for x, g in parts]
+    # the reduction a row-sharded caller injects: the sum of each shard's products
+    reduced = Stiefel(reduce=lambda grams: grams).grams
+    xtx = sum(reduced(xtx=(x, x))["xtx"] for x, _ in parts)
+    gtx = sum(reduced(gtx=(g, x))["gtx"] for x, g in parts)
+    shards = [landing_field_from_grams(x, g, xtx, gtx, 0.2) for x, g in parts]
     torch.testing.assert_close(torch.cat(shards), _dense_field(X, G, 0.2), rtol=0, atol=1e-10)
     torch.testing.assert_close(landing_field_from_grams(X, G, xtx, gtx, 0.2), _dense_field(X, G, 0.2), rtol=0, atol=1e-10)
 
@@ -137,8 +132,6 @@ def test_half_precision_accumulates_in_fp32() -> None:
     G = torch.randn(512, 16, generator=_gen(15), dtype=D)
     for dt in (torch.bfloat16, torch.float16):
         xh, gh = X.to(dt), G.to(dt)
-        xtx, gtx = gram_matrices(xh, gh)
-        assert xtx.dtype == torch.float32 and gtx.dtype == torch.float32
         got = landing_field(xh, gh, 5e-3)
         assert got.dtype == dt
         want = _dense_field(xh.to(D), gh.to(D), 5e-3)
@@ -165,20 +158,23 @@ def test_penalty_field() -> None:
     X = _off_manifold(40, 5, seed=16)
     G = torch.randn(40, 5, generator=_gen(17), dtype=D)
     want = G + 0.3 * X @ (X.T @ X - torch.eye(5, dtype=D))
-    torch.testing.assert_close(penalty_field(X, G, 0.3), want, rtol=0, atol=1e-12)
-    torch.testing.assert_close(penalty_field(X.T, G.T, 0.3), want.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(penalty_field_from_grams(X, G, X.T @ X, 0.3), want, rtol=0, atol=1e-12)
 
 
 def test_retractions() -> None:
     X = torch.stack([_off_manifold(50, 6, seed=s) for s in range(3)])
-    Q, R = retract_qr(X)
+    Q, R = Stiefel().qr(X)
     assert Q.is_contiguous() and R.is_contiguous()
     torch.testing.assert_close(Q @ R, X, rtol=0, atol=1e-12)
     assert (torch.diagonal(R, dim1=-2, dim2=-1) > 0).all()
     assert orthogonality_error(Q).max() < 1e-13
-    Q2, _ = retract_qr(Q)  # identity on the manifold (thanks to the sign fix)
-    torch.testing.assert_close(Q2, Q, rtol=0, atol=1e-12)
-    P = retract_polar(X)
+    torch.testing.assert_close(retract(X, "qr"), Q, rtol=0, atol=1e-12)  # the retraction is QR's Q
+    for kind in ("qr", "polar"):  # the identity on the manifold
+        torch.testing.assert_close(retract(Q, kind), Q, rtol=0, atol=1e-12)
+    # QR with diag(R) > 0 is unique: the Householder QR with its signs fixed is the same matrix
+    Qh, Rh = torch.linalg.qr(X)
+    torch.testing.assert_close(Q, Qh * torch.diagonal(Rh, dim1=-2, dim2=-1).sign().unsqueeze(-2), rtol=0, atol=1e-10)
+    P = retract(X, "polar")
     U, _, Vh = torch.linalg.svd(X, full_matrices=False)
     torch.testing.assert_close(P, U @ Vh, rtol=0, atol=1e-10)
     assert P.is_contiguous()

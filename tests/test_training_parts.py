@@ -105,9 +105,9 @@ def test_optimizer_flags_resolve_describe_and_refuse(tmp_path):
     assert describe_optimizer(options) == "LandingAdamW mode=landing landing_lambda=0.005 safe_step stabilize_every=50"
     ns = resolve_settings(**base, optimizer_mode="retraction", retraction="newton_schulz")
     assert describe_optimizer(optimizer_options(ns)) == "LandingAdamW mode=retraction retraction=newton_schulz"
-    with pytest.raises(ValueError, match="--landing-lambda has no effect with --optimizer-mode riemannian"):
+    with pytest.raises(ValueError, match="--landing-lambda .* has no effect with --optimizer-mode riemannian"):
         resolve_settings(**base, landing_lambda=1.0)
-    with pytest.raises(ValueError, match="--retraction has no effect with --optimizer-mode landing"):
+    with pytest.raises(ValueError, match="--retraction .* has no effect with --optimizer-mode landing"):
         resolve_settings(**base, optimizer_mode="landing", retraction="qr")
     with pytest.raises(ValueError, match="--safe-step limits the landing field's steps: it needs --optimizer-mode landing"):
         resolve_settings(**base, safe_step=True)

@@ -162,21 +162,23 @@ def main() -> None:
 @torch.no_grad()
 def _check_field(opt, stiefel, rank: int) -> None:
     """The optimiser's sharded field equals the dense field of the gathered factor (test-only gathering)."""
-    from polar.distributed import comm_stats, reset_comm_stats
+    from polar.distributed import comm_stats, like_param, reset_comm_stats
+    from polar.optim.executors import Workspace, prepare
     from polar.optim.landing import landing_field
 
     X = [p.detach().full_tensor() for p in stiefel]
     G = [p.grad.full_tensor() for p in stiefel]
     lam = opt.param_groups[0]["landing_lambda"]
     reset_comm_stats()
-    swapped, _ = opt._transform_gradients()
+    buckets = opt.buckets()  # the part of step() before AdamW: Grams and the field, per bucket
+    for bucket in buckets:
+        prepare(bucket, Workspace())
     stats = comm_stats()
+    fed = {id(p): like_param(f, p) for b in buckets for p, f in zip(b.params, b.fed)}
     worst = 0.0
     for p, x, g in zip(stiefel, X, G):
         dense = landing_field(x, g, lam)
-        worst = max(worst, float((p.grad.full_tensor() - dense).abs().max() / dense.abs().max().clamp_min(1e-6)))
-    for p, g in swapped:
-        p.grad = g
+        worst = max(worst, float((fed[id(p)].full_tensor() - dense).abs().max() / dense.abs().max().clamp_min(1e-6)))
     if rank == 0:
         print(f"[polar] sharded vs dense landing field: max rel. error {worst:.2e}; "
               f"{stats['all_reduce_calls']} all-reduces, {stats['all_reduce_elements']} floats, "

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from polar.optim import landing
+from polar.optim import stiefel
 
 __all__ = [
     "SpectrumStats",
@@ -136,8 +136,8 @@ def effective_rank(singular_values: torch.Tensor | Sequence[float]) -> float:
 
 def orthogonality_error(factor: torch.Tensor) -> float:
     """‖XᵀX − I‖_F of a factor (tall, or wide and then transposed), by the landing optimiser's own kernel
-    (:func:`polar.optim.landing.orthogonality_error`), on a float64 copy (gathered first if it is a DTensor)."""
-    return float(landing.orthogonality_error(_as_float(factor)))
+    (:func:`polar.optim.stiefel.orthogonality_error`), on a float64 copy (gathered first if it is a DTensor)."""
+    return float(stiefel.orthogonality_error(_as_float(factor)))
 
 
 @dataclass

@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from polar.optim.optimizer import DEFAULT_MODE, DEFAULT_RETRACTION, VALID_MODES, VALID_RETRACTIONS
+from polar.optim.modes import DEFAULT_MODE, DEFAULT_RETRACTION, MODES
+from polar.optim.stiefel import RETRACTIONS
 
 EPILOG = """\
 tasks:
@@ -93,12 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="random seed (default 42)")
 
     g = p.add_argument_group("PoLAR optimiser (LandingAdamW; see docs/optimizer.md)")
-    g.add_argument("--optimizer-mode", choices=VALID_MODES,
+    g.add_argument("--optimizer-mode", choices=list(MODES),
                    help=f"how X and Y stay orthonormal (default {DEFAULT_MODE}): riemannian = Riemannian gradient "
                    "into AdamW, step projected onto the tangent space, then a retraction; landing = the paper's "
                    "landing field into AdamW (with --landing-lambda 5e-3: the reference); retraction = landing "
                    "field without its normal term, then a retraction; penalty / euclidean = ablations")
-    g.add_argument("--retraction", choices=VALID_RETRACTIONS,
+    g.add_argument("--retraction", choices=list(RETRACTIONS),
                    help=f"retraction of the riemannian / retraction modes (default {DEFAULT_RETRACTION})")
     g.add_argument("--safe-step", action="store_const", const=True,
                    help="landing mode: shorten any AdamW step that would end farther than 0.5 from the manifold")

@@ -1,9 +1,12 @@
-"""Landing optimiser for PoLAR: pure kernels (:mod:`.landing`), the optimiser (:mod:`.optimizer`),
-re-orthonormalisation (:mod:`.stabilize`) and Trainer integration (:mod:`.trainer`)."""
+"""The PoLAR optimiser: the Stiefel manifold (:mod:`.stiefel`), the landing field (:mod:`.landing`), the modes
+(:mod:`.modes`, ablations in :mod:`.ablations`), the executors (:mod:`.executors`), the optimiser
+(:mod:`.optimizer`), re-orthonormalisation (:mod:`.stabilize`), row shards (:mod:`.sharding`), the model-facing
+factory (:mod:`.factory`) and Trainer integration (:mod:`.trainer`)."""
 
-from .landing import landing_field, orthogonality_error
-from .factory import make_optimizer
+from . import ablations  # noqa: F401  (registers the penalty / euclidean modes and the safe step)
+from .factory import make_optimizer, reorthonormalize
+from .landing import landing_field
 from .optimizer import LandingAdamW
-from .stabilize import reorthonormalize
+from .stiefel import orthogonality_error
 
 __all__ = ["LandingAdamW", "landing_field", "make_optimizer", "orthogonality_error", "reorthonormalize"]

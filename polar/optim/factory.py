@@ -1,4 +1,5 @@
-"""``make_optimizer``: the param groups of a PoLAR model for :class:`~polar.optim.optimizer.LandingAdamW`.
+"""The model-facing side of the optimiser: ``make_optimizer`` (the param groups of a PoLAR model for
+:class:`~polar.optim.optimizer.LandingAdamW`) and ``reorthonormalize`` (on a model's adapters).
 
 This is the only part of the optimiser that knows the PEFT tuner (it finds the factors through the PoLAR layers and
 reads each adapter's ``PolarConfig``); the step itself only sees param groups and their options.
@@ -6,23 +7,19 @@ reads each adapter's ``PolarConfig``); the step itself only sees param groups an
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from .modes import DEFAULT_MODE, MODES, validate
+from .optimizer import LandingAdamW
 from .sharding import check_model
-from .optimizer import (
-    DEFAULT_MODE,
-    DEFAULT_RETRACTION,
-    LAMBDA_MODES,
-    RETRACTION_MODES,
-    VALID_MODES,
-    VALID_RETRACTIONS,
-    LandingAdamW,
-)
+from .stabilize import reorthonormalize_triples
+from .stiefel import orthogonality_error
 
-__all__ = ["make_optimizer"]
+__all__ = ["make_optimizer", "reorthonormalize"]
 
 
 def _find_config(model: nn.Module, adapter_name: str) -> Any:
@@ -46,6 +43,7 @@ def make_optimizer(
     retraction: Optional[str] = None,
     safe_step: bool = False,
     stabilize_every: int = 0,
+    chunk_bytes: Optional[int] = None,
     optimizer_cls: type[LandingAdamW] = LandingAdamW,
     **adamw_kwargs: Any,
 ) -> LandingAdamW:
@@ -59,8 +57,8 @@ def make_optimizer(
       frozen base weights are left out.
     * ``mode=None`` / ``landing_lambda=None`` use each adapter's ``PolarConfig.optimizer_mode`` /
       ``PolarConfig.landing_lambda``. An explicit λ with a mode that does not use it is refused.
-    * ``optimizer_cls``: a :class:`LandingAdamW` subclass to build (e.g. one whose ``_reduce_grams`` all-reduces
-      over row shards); ``**adamw_kwargs`` go to ``torch.optim.AdamW`` (``foreach``, ``fused``, ...).
+    * ``chunk_bytes``: see :class:`LandingAdamW`. ``optimizer_cls``: a :class:`LandingAdamW` subclass to build;
+      ``**adamw_kwargs`` go to AdamW (``amsgrad``, ``maximize``, ``foreach``, ``fused``, ...).
 
     Raises:
         ValueError: no trainable PoLAR factor, unknown ``mode``/``retraction``, λ not found, or an adapter whose
@@ -69,10 +67,8 @@ def make_optimizer(
     from polar.tuner import iter_polar_layers
 
     check_model(model)  # FSDP1 / DeepSpeed ZeRO-3: clear error naming DDP / FSDP2 / single GPU
-    if mode is not None and mode not in VALID_MODES:
-        raise ValueError(f"unknown mode={mode!r}; valid modes: {', '.join(VALID_MODES)}")
-    if retraction is not None and retraction not in VALID_RETRACTIONS:
-        raise ValueError(f"unknown retraction={retraction!r}; valid retractions: {', '.join(VALID_RETRACTIONS)}")
+    if mode is not None:
+        validate(mode, who="make_optimizer")
 
     per_adapter: dict[str, dict[str, list[torch.Tensor]]] = {}
     seen: set[int] = set()
@@ -106,28 +102,22 @@ def make_optimizer(
     modes = set()
     for block, (adapter, slots) in enumerate(sorted(per_adapter.items())):
         config = _find_config(model, adapter)
-        if config is None and (landing_lambda is None or mode is None):
+        if config is None and (mode is None or (MODES[mode].takes_lambda and landing_lambda is None)):
             raise ValueError(
-                f"make_optimizer: no PolarConfig found for adapter {adapter!r} to read optimizer_mode and "
-                "landing_lambda from; pass mode=... and landing_lambda=... explicitly."
+                f"make_optimizer: no PolarConfig found for adapter {adapter!r} to read optimizer_mode (and, for the "
+                "modes that use it, landing_lambda) from; pass mode=... (and landing_lambda=...) explicitly."
             )
-        lam = landing_lambda if landing_lambda is not None else float(config.landing_lambda)
         adapter_mode = mode if mode is not None else config.optimizer_mode
-        if landing_lambda is not None and adapter_mode not in LAMBDA_MODES:
-            raise ValueError(
-                f"make_optimizer: landing_lambda={landing_lambda!r} has no effect with mode={adapter_mode!r} "
-                f"(adapter {adapter!r}; only {' and '.join(LAMBDA_MODES)} use λ); drop it, or pass mode='landing' "
-                "for the reference's landing field."
-            )
-        if retraction is not None and adapter_mode not in RETRACTION_MODES:
-            raise ValueError(
-                f"make_optimizer: retraction={retraction!r} has no effect with mode={adapter_mode!r} (adapter "
-                f"{adapter!r}; only {' and '.join(RETRACTION_MODES)} retract); drop it or pick one of those modes."
-            )
+        m = validate(adapter_mode, landing_lambda=landing_lambda, retraction=retraction, safe_step=safe_step,
+                     stabilize_every=stabilize_every, who=f"make_optimizer (adapter {adapter!r})")
         modes.add(adapter_mode)
-        lam_option = {"landing_lambda": lam} if adapter_mode in LAMBDA_MODES else {}
-        common = dict(polar_block=block, **lam_option, mode=adapter_mode, retraction=retraction or DEFAULT_RETRACTION,
-                      safe_step=safe_step, stabilize_every=stabilize_every, polar_adapter=adapter)
+        options: dict[str, Any] = {}
+        if m.takes_lambda:
+            options["landing_lambda"] = landing_lambda if landing_lambda is not None else float(config.landing_lambda)
+        if m.retracts and retraction is not None:
+            options["retraction"] = retraction
+        common = dict(polar_block=block, mode=adapter_mode, safe_step=safe_step, stabilize_every=stabilize_every,
+                      polar_adapter=adapter, **options)
         groups.append(dict(params=slots["X"], polar_role="stiefel", polar_factor="X", weight_decay=0.0, **common))
         groups.append(dict(params=slots["Y"], polar_role="stiefel", polar_factor="Y", weight_decay=0.0, **common))
         groups.append(dict(params=slots["theta"], polar_role="theta", weight_decay=weight_decay, **common))
@@ -143,10 +133,52 @@ def make_optimizer(
         betas=betas,
         eps=eps,
         weight_decay=weight_decay,
-        landing_lambda=None,  # set per group above, for the modes that use it
-        mode=modes.pop() if len(modes) == 1 else DEFAULT_MODE,
-        retraction=retraction or DEFAULT_RETRACTION,
-        safe_step=safe_step,
-        stabilize_every=stabilize_every,
+        mode=modes.pop() if len(modes) == 1 else DEFAULT_MODE,  # options are set per group above
+        chunk_bytes=chunk_bytes,
         **adamw_kwargs,
     )
+
+
+@torch.no_grad()
+def reorthonormalize(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> dict[str, float]:
+    """Re-orthonormalise the PoLAR factors of ``model`` in place without changing any ΔW.
+
+    Args:
+        model: a PeftModel or any nn.Module holding PoLAR layers.
+        adapter_names: adapters to treat (default: all adapters of every PoLAR layer, trainable or not).
+
+    Full Θ: QR of X and Y with the R factors folded into Θ (Θ ← R_X Θ R_Yᵀ). Diagonal Θ: an exact SVD of the
+    r × r core (:mod:`polar.optim.stabilize`). Merged adapters must be unmerged first (ΔW is already in the base
+    weight; changing the factors would be harmless, but refusing is clearer).
+
+    Returns:
+        ``{"layers": n, "max_before": ..., "mean_before": ..., "max_after": ..., "mean_after": ...}`` with
+        ‖XᵀX − I‖_F / ‖YᵀY − I‖_F over all treated factors. An optimiser's AdamW moments are left as they are
+        (they refer to a basis that moved by O(drift)): use it between runs, or with a fresh optimiser.
+    """
+    from polar.tuner import iter_polar_layers
+
+    wanted = None if adapter_names is None else set(adapter_names)
+    triples = []
+    for name, layer in iter_polar_layers(model):
+        if getattr(layer, "merged", False):
+            raise RuntimeError(
+                f"PoLAR layer '{name}' has merged adapters {layer.merged_adapters}; unmerge() before reorthonormalize()."
+            )
+        triples += [(layer.polar_X[a], layer.polar_Y[a], layer.polar_theta[a])
+                    for a in layer.polar_X if wanted is None or a in wanted]
+    if not triples:
+        raise ValueError(
+            "reorthonormalize: the model holds no PoLAR factors"
+            + ("" if adapter_names is None else f" for adapters {sorted(adapter_names)}")
+            + "; wrap it with peft.get_peft_model(model, PolarConfig(...)) first."
+        )
+    before = reorthonormalize_triples(triples).before.cpu()
+    after = torch.stack([orthogonality_error(t).float().cpu() for x, y, _ in triples for t in (x, y)])
+    return {
+        "layers": len(triples),
+        "max_before": float(before.max()),
+        "mean_before": float(before.mean()),
+        "max_after": float(after.max()),
+        "mean_after": float(after.mean()),
+    }

@@ -1,32 +1,27 @@
-"""Row-sharded (FSDP2) factors inside the landing optimiser: DTensor access, the Gram all-reduce, Cholesky QR,
-the sharded re-orthonormalisation, and the layout checks with their errors.
-
-Everything the optimiser's step needs for sharded factors lives here, so :mod:`polar.optim` is self-contained;
-:mod:`polar.distributed` (saving, user-facing guards) re-exports these names and imports this module, never the
-reverse.
+"""Row-sharded (FSDP2) factors inside the optimiser: DTensor access, the Gram all-reduce, and the layout checks
+with their errors.
 
 FSDP2 makes every parameter a DTensor sharded by rows (``Shard(0)``). PoLAR stores its factors tall (X: out × r,
-Y: in × r), so a rank holds a block of rows of X and of its gradient G. The landing field couples rows only
-through the r × r Gram matrices, which are sums over rows::
+Y: in × r), so a rank holds a block of rows of X and of its gradient G. Rows interact only through r × r products,
+which are sums over rows::
 
     XᵀX = Σ_ranks X_localᵀ X_local,      GᵀX = Σ_ranks G_localᵀ X_local
 
-so the optimiser computes them on its local rows, sums them with *one* all-reduce per bucket of same-shape
-factors (:func:`all_reduce_grams`, k · 2r² floats for k factors) and computes its own rows of the field locally.
-The orthogonality error, the safe step (k floats), the polar retraction X (XᵀX)^{-1/2} and the QR retraction /
-re-orthonormalisation (:func:`cholesky_qr`) all work from reduced r × r quantities; no factor is ever gathered.
-Only ``stabilize_every``, which folds R_X Θ R_Yᵀ into Θ, gathers Θ (r² floats per adapter layer, one all-gather
-per bucket).
+so the optimiser computes them on its local rows and sums them with one concatenated all-reduce per call
+(:func:`gram_reduction`, the reduction injected into :class:`polar.optim.stiefel.Stiefel`); every direction,
+post-step, retraction and QR then works from those reduced products, and no factor is ever gathered. Only
+``stabilize_every``, which folds R_X Θ R_Yᵀ into Θ, gathers the Θs (:func:`gather_small`, one all-gather per bucket).
 
 Uneven and empty shards: FSDP2 splits n rows like ``torch.chunk`` (⌈n / world⌉ rows per rank, the last ranks may
 get fewer, or none). Every function here works on a 0-row local shard (its Grams are zeros, its rows of every
 result are empty), and every collective has the same size on every rank because sizes come from global shapes.
+:mod:`polar.distributed` (saving, user-facing guards) re-exports these names and imports this module, never the
+reverse.
 """
 
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -34,8 +29,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .landing import compute_dtype, orthogonality_error_from_gram
-from .stabilize import reorthonormalize_factors
+from .stiefel import Reduce, no_reduction
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without distributed
+    DTensor = None
 
 __all__ = [
     "SUPPORTED_SETUPS",
@@ -44,13 +43,12 @@ __all__ = [
     "all_reduce_grams",
     "check_model",
     "check_stiefel_param",
-    "cholesky_qr",
     "comm_stats",
     "gather_small",
+    "gram_reduction",
     "is_dtensor",
     "like_param",
     "local_tensor",
-    "reorthonormalize_sharded_triples",
     "reset_comm_stats",
     "row_sharding",
     "stiefel_sharding",
@@ -68,19 +66,9 @@ class UnsupportedShardingError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- DTensor access
-@functools.lru_cache(maxsize=None)
-def _dtensor_cls() -> Optional[type]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
-    return DTensor
-
-
 def is_dtensor(t: Any) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (what FSDP2 makes of every parameter and gradient)."""
-    cls = _dtensor_cls()
-    return cls is not None and isinstance(t, cls)
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -95,8 +83,6 @@ def like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Wrap a local shard computed for ``param`` back into a DTensor with ``param``'s layout (no communication)."""
     if not is_dtensor(param):
         return local
-    from torch.distributed.tensor import DTensor
-
     return DTensor.from_local(
         local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
@@ -194,6 +180,14 @@ def all_reduce_grams(grams: dict[str, torch.Tensor], sharding: Optional[RowShard
     return out
 
 
+def gram_reduction(sharding: Optional[RowSharding]) -> Reduce:
+    """The :class:`polar.optim.stiefel.Stiefel` reduction for factors laid out as ``sharding``: one concatenated
+    all-reduce per call over the row-shard groups, or the identity for whole (or replicated) factors."""
+    if sharding is None or not sharding.mesh_dims:
+        return no_reduction
+    return functools.partial(all_reduce_grams, sharding=sharding)
+
+
 def gather_small(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Full values of small DTensors of identical shape and layout (e.g. the Θs of one bucket), stacked (k × …).
 
@@ -220,79 +214,11 @@ def gather_small(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return dt.full_tensor().movedim(1, 0)
 
 
-def _local_chunk(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def local_chunk(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's shard of ``full`` (identical on every rank) in the layout of DTensor ``like`` (no communication)."""
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
-
-
-# ---------------------------------------------------------------------------------------------------- orthonormalisation
-def cholesky_qr(X: torch.Tensor, xtx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """QR of a (row-sharded) tall ``X`` from its (all-reduced) Gram ``xtx = XᵀX``: ``R = chol(XᵀX)ᵀ``, ``Q = X R⁻¹``.
-
-    ``R`` is upper triangular with a positive diagonal, so this is the QR with diag(R) > 0 (what
-    :func:`polar.optim.landing.retract_qr` returns), up to rounding, and ``Q`` is computed row by row: a shard of
-    rows of ``X`` gives the same shard of rows of ``Q``. Batched (k × n × r) or single. Needs full column rank
-    (true near the manifold); computed in ``xtx``'s dtype, ``Q`` returned contiguous.
-    """
-    L, info = torch.linalg.cholesky_ex(xtx)
-    if bool((info != 0).any()):
-        raise RuntimeError(
-            "cholesky_qr: XᵀX is not positive definite (a factor lost column rank); the factors are far from "
-            "orthonormal. Lower the learning rate or raise landing_lambda."
-        )
-    R = L.mT
-    Q = torch.linalg.solve_triangular(R, X.to(xtx.dtype), upper=True, left=False)
-    return Q.contiguous(), R.contiguous()
-
-
-@torch.no_grad()
-def reorthonormalize_sharded_triples(
-    triples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> torch.Tensor:
-    """Re-orthonormalise row-sharded ``(X, Y, Θ)`` triples in place (ΔW unchanged), never gathering X or Y.
-
-    Per bucket of equal shapes: one all-reduce of XᵀX and YᵀY (k · 2r² floats), Cholesky QR X = Q_X R_X,
-    Y = Q_Y R_Y on local rows, one all-gather of the Θs (k · r² floats; Θ is tiny), then the r × r core
-    R_X Θ R_Yᵀ is re-factored exactly as :func:`polar.optim.stabilize.reorthonormalize_factors` does
-    (it is called on the r × r triangular factors: R_X Θ R_Yᵀ = A Θ' Bᵀ with A, B orthonormal r × r), and
-    X ← Q_X A, Y ← Q_Y B, Θ ← Θ'. Plain tensors in ``triples`` are handled the same way (no communication).
-
-    Returns ‖XᵀX − I‖_F, ‖YᵀY − I‖_F before the operation (fp32), like ``reorthonormalize_triples``.
-    """
-    buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = defaultdict(list)
-    for x, y, th in triples:
-        key = (tuple(x.shape), tuple(y.shape), tuple(th.shape), x.dtype, local_tensor(x).device,
-               row_sharding(x), row_sharding(y))
-        buckets[key].append((x, y, th))
-    before = []
-    for key, items in buckets.items():
-        sx, sy = key[-2], key[-1]
-        cdt = compute_dtype(key[3])
-        X = torch.stack([local_tensor(t[0]) for t in items]).to(cdt)
-        Y = torch.stack([local_tensor(t[1]) for t in items]).to(cdt)
-        if sx == sy:
-            grams = all_reduce_grams({"xtx": X.mT @ X, "yty": Y.mT @ Y}, sx)
-        else:
-            grams = {**all_reduce_grams({"xtx": X.mT @ X}, sx), **all_reduce_grams({"yty": Y.mT @ Y}, sy)}
-        before += [orthogonality_error_from_gram(grams["xtx"]).float(), orthogonality_error_from_gram(grams["yty"]).float()]
-        Qx, Rx = cholesky_qr(X, grams["xtx"])
-        Qy, Ry = cholesky_qr(Y, grams["yty"])
-        theta = gather_small([t[2] for t in items]).to(cdt)
-        A, B, new_theta = reorthonormalize_factors(Rx, Ry, theta)
-        newX, newY = Qx @ A, Qy @ B
-        for (x, y, th), a, b, c in zip(items, newX, newY, new_theta):
-            local_tensor(x).copy_(a)
-            local_tensor(y).copy_(b)
-            if is_dtensor(th):
-                local_tensor(th).copy_(_local_chunk(c.contiguous(), th))
-            else:
-                th.copy_(c)
-    if not before:
-        return torch.zeros(0)
-    dev = before[0].device
-    return torch.cat([b.to(dev) for b in before])
 
 
 # ---------------------------------------------------------------------------------------------------- unsupported

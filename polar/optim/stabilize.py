@@ -15,29 +15,27 @@ Where θ = 0 exactly (e.g. at initialisation) ΔW = 0 for any basis and only the
 Either way the new point is ``X' = X M_X``, ``Y' = Y M_Y``, ``Θ' = M_X⁻¹ Θ M_Y⁻ᵀ`` for invertible r × r ``M``
 (``M = R⁻¹``, or ``R⁻¹ U`` for a diagonal Θ). Gradients at that point transform exactly as
 ``G_X' = G_X M_X⁻ᵀ`` and ``G_Θ' = M_Xᵀ G_Θ M_Y``, and the landing field's skew part as ``Λ' = Λ M_X``; AdamW's
-first moments (averages of those) are carried into the new basis the same way (:func:`transport_factor_moment`, :func:`transport_theta_moment`; used by
-``LandingAdamW(stabilize_every=k)``). The second moments are per-coordinate averages of squares and have no
+first moments (averages of those) are carried into the new basis the same way (:func:`transport_factor_moment`,
+:func:`transport_theta_moment`). The second moments are per-coordinate averages of squares and have no
 exact image under a basis change that mixes columns; they are mapped as if the coordinates were independent,
-``v' = v (N∘N)`` for a map ``m' = m N`` (∘ = elementwise). That keeps them positive, is exact for signed
-permutations and diagonal rescalings, and reduces to the identity on the manifold (M = I). Left untransported,
-a large change of basis (drift ≈ 1.8 between corrections) paired new coordinates with old step sizes and
-collapsed a demo-scale run to chance (BENCHMARKS.md). :func:`reorthonormalize` called outside the optimiser
-cannot see its state: use it between runs, or together with a fresh optimiser.
+``v' = v (N∘N)`` for a map ``m' = m N`` (∘ = elementwise): positive, exact for signed permutations and
+rescalings, the identity on the manifold. Left untransported, a large change of basis collapsed a demo-scale run
+to chance (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from typing import Optional
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .landing import compute_dtype, orthogonality_error, retract_qr
+from .sharding import gather_small, gram_reduction, is_dtensor, local_chunk, local_tensor, row_sharding
+from .stiefel import Stiefel, compute_dtype, orthogonality_error_from_gram
 
 __all__ = [
-    "reorthonormalize",
+    "BasisChange",
     "reorthonormalize_factors",
     "reorthonormalize_triples",
     "transport_factor_moment",
@@ -66,6 +64,19 @@ def _align_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> tuple[torch
     return U, S, V
 
 
+def _fold(Rx: torch.Tensor, Ry: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For upper-triangular ``Rx``, ``Ry`` (k × r × r) and Θ: ``(U, V, Θ')`` with ``Rx Θ Ryᵀ = U Θ' Vᵀ``, ``U``, ``V``
+    orthonormal r × r (the identity for a full Θ, which absorbs ``Rx Θ Ryᵀ`` whole; see the module doc)."""
+    eye = torch.eye(Rx.shape[-1], dtype=Rx.dtype, device=Rx.device).expand_as(Rx)
+    if theta.ndim == 3:
+        return eye, eye, Rx @ theta @ Ry.mT
+    U, S, Vh = torch.linalg.svd((Rx * theta.unsqueeze(-2)) @ Ry.mT)
+    U, S, V = _align_svd(U, S, Vh.mT)
+    zero = (theta == 0).all(dim=-1)  # θ = 0: any basis gives ΔW = 0; keep the QR basis, not the SVD's arbitrary one
+    return (torch.where(zero[:, None, None], eye, U), torch.where(zero[:, None, None], eye, V),
+            torch.where(zero[:, None], theta, S))
+
+
 def reorthonormalize_factors(
     X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,24 +87,9 @@ def reorthonormalize_factors(
     if single:
         X, Y, theta = X.unsqueeze(0), Y.unsqueeze(0), theta.unsqueeze(0)
     cdt = compute_dtype(X.dtype)
-    Qx, Rx = retract_qr(X)
-    Qy, Ry = retract_qr(Y)
-    th = theta.to(cdt)
-    if th.ndim == 3:
-        new_theta = Rx @ th @ Ry.mT
-        newX, newY = Qx, Qy
-    else:
-        core = (Rx * th.unsqueeze(-2)) @ Ry.mT
-        U, S, Vh = torch.linalg.svd(core)
-        U, S, V = _align_svd(U, S, Vh.mT)
-        zero = (th == 0).all(dim=-1)
-        eye = torch.eye(th.shape[-1], dtype=cdt, device=th.device)
-        # θ = 0: any basis gives ΔW = 0; keep the QR basis rather than the SVD's arbitrary one.
-        U = torch.where(zero[:, None, None], eye, U)
-        V = torch.where(zero[:, None, None], eye, V)
-        new_theta = torch.where(zero[:, None], th, S)
-        newX, newY = Qx @ U, Qy @ V
-    out = (newX.contiguous(), newY.contiguous(), new_theta.contiguous())
+    (Qx, Rx), (Qy, Ry) = Stiefel().qr(X.to(cdt)), Stiefel().qr(Y.to(cdt))
+    U, V, new_theta = _fold(Rx, Ry, theta.to(cdt))
+    out = ((Qx @ U).contiguous(), (Qy @ V).contiguous(), new_theta.contiguous())
     return tuple(t.squeeze(0) for t in out) if single else out  # type: ignore[return-value]
 
 
@@ -134,107 +130,57 @@ def transport_state(state: dict, transform: Callable[[torch.Tensor, str], torch.
     ``whole=False`` (X, Y): the transform mixes columns only, so each row shard (FSDP2) transforms on its own.
     ``whole=True`` (Θ, r × r): a sharded Θ is gathered, transformed, and its local rows written back.
     """
-    from torch.distributed.tensor import distribute_tensor
-
-    from .sharding import is_dtensor, local_tensor  # not at import time: sharding builds on this module
-
     for name, kind in (("exp_avg", "first"), ("exp_avg_sq", "second"), ("max_exp_avg_sq", "second")):
         if name not in state:
             continue
         moment = state[name]
         if whole and is_dtensor(moment):
-            full = transform(moment.full_tensor(), kind).to(moment.dtype)
-            moment.to_local().copy_(distribute_tensor(full, moment.device_mesh, moment.placements,
-                                                      src_data_rank=None).to_local())
+            local_tensor(moment).copy_(local_chunk(transform(moment.full_tensor(), kind).to(moment.dtype), moment))
         else:
             local = local_tensor(moment)
             local.copy_(transform(local, kind).to(local.dtype))
 
 
-@torch.no_grad()
-def reorthonormalize_triples(
-    triples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> torch.Tensor:
-    """Re-orthonormalise ``(X, Y, Θ)`` parameter triples in place, batched by (shapes, dtype, device).
+@dataclass
+class BasisChange:
+    """What :func:`reorthonormalize_triples` did: ``X' = X M_x``, ``Y' = Y M_y`` per triple (r × r, float64), and
+    ‖XᵀX − I‖_F, ‖YᵀY − I‖_F before it (fp32, flattened)."""
 
-    Returns the orthogonality errors ‖XᵀX − I‖_F, ‖YᵀY − I‖_F *before* the operation (flattened, fp32, on the
-    first triple's device) so callers can report how far the factors had drifted.
-    """
-    buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = defaultdict(list)
-    for x, y, th in triples:
-        buckets[(x.shape, y.shape, th.shape, x.dtype, x.device)].append((x, y, th))
-    before = []
-    for items in buckets.values():
-        xs = torch.stack([t[0] for t in items])
-        ys = torch.stack([t[1] for t in items])
-        ths = torch.stack([t[2] for t in items])
-        before += [orthogonality_error(xs).float(), orthogonality_error(ys).float()]
-        nx, ny, nth = reorthonormalize_factors(xs, ys, ths)
-        for (x, y, th), a, b, c in zip(items, nx, ny, nth):
-            x.copy_(a)
-            y.copy_(b)
-            th.copy_(c)
-    if not before:
-        return torch.zeros(0)
-    dev = before[0].device
-    return torch.cat([b.to(dev) for b in before])
-
-
-def _model_triples(
-    model: nn.Module, adapter_names: Optional[Iterable[str]]
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    from polar.tuner import iter_polar_layers
-
-    wanted = None if adapter_names is None else set(adapter_names)
-    triples = []
-    for _, layer in iter_polar_layers(model):
-        for name in layer.polar_X:
-            if wanted is not None and name not in wanted:
-                continue
-            triples.append((layer.polar_X[name], layer.polar_Y[name], layer.polar_theta[name]))
-    return triples
+    before: torch.Tensor
+    basis_x: list[torch.Tensor]
+    basis_y: list[torch.Tensor]
 
 
 @torch.no_grad()
-def reorthonormalize(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> dict[str, float]:
-    """Re-orthonormalise the PoLAR factors of ``model`` in place without changing any ΔW.
+def reorthonormalize_triples(triples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> BasisChange:
+    """Re-orthonormalise ``(X, Y, Θ)`` parameter triples in place (every ΔW unchanged), batched by layout.
 
-    Args:
-        model: a PeftModel or any nn.Module holding PoLAR layers.
-        adapter_names: adapters to treat (default: all adapters of every PoLAR layer, trainable or not).
-
-    Full Θ: QR of X and Y with the R factors folded into Θ (Θ ← R_X Θ R_Yᵀ). Diagonal Θ: an exact SVD of the
-    r × r core (see the module docstring). Merged adapters must be unmerged first (ΔW is already in the base
-    weight; changing the factors would be harmless, but refusing is clearer).
-
-    Returns:
-        ``{"layers": n, "max_before": ..., "mean_before": ..., "max_after": ..., "mean_after": ...}`` with
-        ‖XᵀX − I‖_F / ‖YᵀY − I‖_F over all treated factors. The optimiser's AdamW moments are left as they are
-        (they refer to a basis that moved by O(drift)).
+    Whole factors and row shards (FSDP2 DTensors) alike: per bucket, X = Q_X R_X and Y = Q_Y R_Y by Cholesky QR from
+    the reduced Grams (one all-reduce of XᵀX and YᵀY on row shards), the Θs gathered (tiny), the r × r core
+    R_X Θ R_Yᵀ re-factored (:func:`_fold`), X ← Q_X U, Y ← Q_Y V, Θ ← Θ'. No factor is ever gathered.
     """
-    from polar.tuner import iter_polar_layers
-
-    for name, layer in iter_polar_layers(model):
-        if getattr(layer, "merged", False):
-            raise RuntimeError(
-                f"PoLAR layer '{name}' has merged adapters {layer.merged_adapters}; unmerge() before reorthonormalize()."
-            )
-    triples = _model_triples(model, adapter_names)
-    if not triples:
-        raise ValueError(
-            "reorthonormalize: the model holds no PoLAR factors"
-            + ("" if adapter_names is None else f" for adapters {sorted(adapter_names)}")
-            + "; wrap it with peft.get_peft_model(model, PolarConfig(...)) first."
-        )
-    before = reorthonormalize_triples(triples)
-    after = torch.cat(
-        [torch.stack([orthogonality_error(t[0]).float().cpu(), orthogonality_error(t[1]).float().cpu()]) for t in triples]
-    )
-    before = before.cpu()
-    return {
-        "layers": len(triples),
-        "max_before": float(before.max()),
-        "mean_before": float(before.mean()),
-        "max_after": float(after.max()),
-        "mean_after": float(after.mean()),
-    }
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, (x, y, th) in enumerate(triples):
+        buckets[(tuple(x.shape), tuple(y.shape), tuple(th.shape), x.dtype, local_tensor(x).device,
+                 row_sharding(x), row_sharding(y))].append(i)
+    before: list[torch.Tensor] = []
+    basis_x: list = [None] * len(triples)
+    basis_y: list = [None] * len(triples)
+    for key, idx in buckets.items():
+        cdt = compute_dtype(key[3])
+        items = [triples[i] for i in idx]
+        X = torch.stack([local_tensor(t[0]) for t in items]).to(cdt)
+        Y = torch.stack([local_tensor(t[1]) for t in items]).to(cdt)
+        (Qx, Rx), (Qy, Ry) = Stiefel(gram_reduction(key[-2])).qr(X), Stiefel(gram_reduction(key[-1])).qr(Y)
+        # the Grams of Q R = X: ‖XᵀX − I‖ = ‖RᵀR − I‖, no second reduction
+        before += [orthogonality_error_from_gram(Rx.mT @ Rx).float(), orthogonality_error_from_gram(Ry.mT @ Ry).float()]
+        U, V, new_theta = _fold(Rx, Ry, gather_small([t[2] for t in items]).to(cdt))
+        Mx = torch.linalg.solve_triangular(Rx.double(), U.double(), upper=True)  # X' = Q U = X R⁻¹ U
+        My = torch.linalg.solve_triangular(Ry.double(), V.double(), upper=True)
+        for j, ((x, y, th), a, b, c) in enumerate(zip(items, Qx @ U, Qy @ V, new_theta)):
+            local_tensor(x).copy_(a)
+            local_tensor(y).copy_(b)
+            local_tensor(th).copy_(local_chunk(c.contiguous(), th) if is_dtensor(th) else c)
+            basis_x[idx[j]], basis_y[idx[j]] = Mx[j], My[j]
+    dev = before[0].device if before else torch.device("cpu")
+    return BasisChange(torch.cat([b.to(dev) for b in before]) if before else torch.zeros(0), basis_x, basis_y)

@@ -1,20 +1,10 @@
 """Training PoLAR with ``transformers.Trainer`` (and TRL's ``SFTTrainer``) using the landing optimiser.
 
-Two equivalent ways; both keep the Trainer's LR scheduler, gradient accumulation, clipping and AMP as usual
-(the landing transform runs inside ``optimizer.step()``, so it sees the accumulated, unscaled, clipped gradient):
-
-1. One line, any Trainer subclass (TRL's ``SFTTrainer`` included)::
-
-       Trainer(model=peft_model, args=args, ...,
-               optimizer_cls_and_kwargs=(PolarOptimizerFactory, {"lr": args.learning_rate}))
-
-   transformers treats a non-``Optimizer`` class there as a factory: it instantiates it and calls it with the
-   model and the kwargs. The Trainer does *not* pass ``TrainingArguments.learning_rate`` to factories, so ``lr``
-   is required in the kwargs (the factory refuses to guess).
-
-2. ``PolarTrainer`` (or ``PolarTrainerMixin`` mixed into another Trainer class such as ``SFTTrainer``), which
-   reads ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon`` from the ``TrainingArguments``
-   and logs the orthogonality error ``polar_orth_max`` / ``polar_orth_mean`` with every log line.
+Two ways, both keeping the Trainer's scheduler, accumulation, clipping and AMP (the step runs inside
+``optimizer.step()``): ``optimizer_cls_and_kwargs=(PolarOptimizerFactory, {"lr": args.learning_rate})`` in any
+Trainer (transformers calls a non-Optimizer class there with the model; it does not pass the learning rate, so
+``lr`` is required), or ``PolarTrainer`` / ``PolarTrainerMixin``, which read lr, weight decay, betas and eps from
+the ``TrainingArguments`` and log the orthogonality error with every log line.
 """
 
 from __future__ import annotations
@@ -27,6 +17,7 @@ import transformers
 from torch import nn
 
 from .factory import make_optimizer
+from .modes import MODES
 from .optimizer import LandingAdamW
 
 __all__ = ["PolarOptimizerFactory", "PolarTrainerMixin", "PolarTrainer", "drift_advice", "unwrap_landing_optimizer"]
@@ -111,28 +102,11 @@ class PolarTrainerMixin:
 
 def drift_advice(opt: LandingAdamW) -> str:
     """What to change when the factors of ``opt``'s Stiefel groups drift, for the mode(s) in use."""
-    groups = [g for g in opt.param_groups if g.get("polar_role") == "stiefel"]
-    modes = sorted({g["mode"] for g in groups})
-    advice = []
-    for mode in modes:
-        if mode in ("landing", "penalty"):
-            lam = sorted({g["landing_lambda"] for g in groups if g["mode"] == mode})
-            advice.append(
-                f"mode={mode} with landing_lambda {lam}: raise landing_lambda (1.0 held lr 4e-3 at ~1e-2 on MiniLM), "
-                "lower the learning rate, or use mode='riemannian', which retracts onto the manifold every step"
-            )
-        elif mode == "euclidean":
-            advice.append("mode='euclidean' does not constrain the factors at all; use mode='riemannian' or 'landing'")
-        else:  # riemannian / retraction retract every step: a drift this large is not the optimiser's direction
-            kinds = sorted({g["retraction"] for g in groups if g["mode"] == mode})
-            advice.append(
-                f"mode={mode} retracts every step (retraction {kinds}), so this drift comes from elsewhere: "
-                + ("one Newton–Schulz step cannot repair a step this large; use retraction='polar' or lower the "
-                   "learning rate" if "newton_schulz" in kinds else
-                   "factors stored in half precision, or parameters changed outside the optimiser; keep X and Y "
-                   "in float32")
-            )
-    return "; ".join(advice) + "."
+    by_mode: dict[str, list[dict[str, Any]]] = {}
+    for g in opt.param_groups:
+        if g.get("polar_role") == "stiefel":
+            by_mode.setdefault(g["mode"], []).append(g)
+    return "; ".join(MODES[mode].advice(groups) for mode, groups in sorted(by_mode.items())) + "."
 
 
 class PolarTrainer(PolarTrainerMixin, transformers.Trainer):

@@ -120,8 +120,13 @@ def resolve_settings(**kwargs: Any) -> TrainSettings:
     return settings
 
 
+# How polar train's users spell the optimiser options (for validation messages).
+_FLAGS = {"mode": "--optimizer-mode", "landing_lambda": "--landing-lambda", "retraction": "--retraction",
+          "safe_step": "--safe-step", "stabilize_every": "--stabilize-every"}
+
+
 def check_optimizer_settings(settings: TrainSettings) -> None:
-    from polar.optim.optimizer import DEFAULT_MODE, LAMBDA_MODES, RETRACTION_MODES
+    from polar.optim.modes import DEFAULT_MODE, validate
 
     flags = {"optimizer_mode": settings.optimizer_mode, "retraction": settings.retraction,
              "safe_step": settings.safe_step, "stabilize_every": settings.stabilize_every,
@@ -133,16 +138,9 @@ def check_optimizer_settings(settings: TrainSettings) -> None:
                              f"{settings.adapter} trains with the Trainer's AdamW. Drop them or use --adapter polar.")
         return
     options = optimizer_options(settings)
-    mode = options.get("mode") or DEFAULT_MODE
-    if options.get("landing_lambda") is not None and mode not in LAMBDA_MODES:
-        raise ValueError(f"--landing-lambda has no effect with --optimizer-mode {mode} (only "
-                         f"{' and '.join(LAMBDA_MODES)} use λ); drop it, or add --optimizer-mode landing for the "
-                         "paper's landing field.")
-    if options.get("retraction") is not None and mode not in RETRACTION_MODES:
-        raise ValueError(f"--retraction has no effect with --optimizer-mode {mode} (only "
-                         f"{' and '.join(RETRACTION_MODES)} retract); drop it or choose one of those modes.")
-    if options.get("safe_step") and mode != "landing":
-        raise ValueError(f"--safe-step limits the landing field's steps: it needs --optimizer-mode landing (got {mode}).")
+    validate(options.get("mode") or DEFAULT_MODE, landing_lambda=options.get("landing_lambda"),
+             retraction=options.get("retraction"), safe_step=bool(options.get("safe_step")),
+             stabilize_every=options.get("stabilize_every") or 0, who="polar train", spelling=_FLAGS)
 
 
 def optimizer_options(settings: TrainSettings) -> dict[str, Any]:
@@ -158,14 +156,14 @@ def optimizer_options(settings: TrainSettings) -> dict[str, Any]:
 
 def describe_optimizer(options: dict[str, Any]) -> str:
     """One line naming what the landing optimiser will do with these options (printed and kept in run.json)."""
-    from polar.optim.optimizer import DEFAULT_MODE, DEFAULT_RETRACTION
+    from polar.optim.modes import DEFAULT_MODE, DEFAULT_RETRACTION, MODES
 
-    mode = options.get("mode") or DEFAULT_MODE
-    parts = [f"LandingAdamW mode={mode}"]
-    if mode in ("landing", "penalty"):
+    mode = MODES[options.get("mode") or DEFAULT_MODE]
+    parts = [f"LandingAdamW mode={mode.name}"]
+    if mode.takes_lambda:
         lam = options.get("landing_lambda")
         parts.append(f"landing_lambda={lam:g}" if lam is not None else "landing_lambda=<adapter config>")
-    if mode in ("riemannian", "retraction"):
+    if mode.retracts:
         parts.append(f"retraction={options.get('retraction') or DEFAULT_RETRACTION}")
     if options.get("safe_step"):
         parts.append("safe_step")

@@ -216,7 +216,7 @@ def trainer_setup(settings: TrainSettings) -> tuple[Any, dict[str, Any], str]:
 
 def orthogonality_error(model: Any) -> float | None:
     """max ‖XᵀX − I‖_F over the PoLAR factors of ``model`` (None when it has none)."""
-    from polar.optim.landing import orthogonality_error as factor_error
+    from polar.optim.stiefel import orthogonality_error as factor_error
     from polar.tuner import iter_polar_layers
 
     errors = [float(factor_error(p.detach())) for _, layer in iter_polar_layers(model)

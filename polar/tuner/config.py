@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 # The optimiser's default mode, stored with each adapter so that make_optimizer reproduces it (one source).
-from polar.optim.optimizer import DEFAULT_LAMBDA, DEFAULT_MODE as DEFAULT_OPTIMIZER_MODE
+from polar.optim.modes import DEFAULT_LAMBDA, DEFAULT_MODE as DEFAULT_OPTIMIZER_MODE, MODES
 
 THETA_KINDS = ("full", "diagonal")
 INIT_KINDS = ("orthogonal",)
@@ -107,11 +107,9 @@ class PolarConfig(PeftConfig):
             raise ValueError(f"PolarConfig: unknown theta={self.theta!r}; pass one of {', '.join(THETA_KINDS)}.")
         if self.init not in INIT_KINDS:
             raise ValueError(f"PolarConfig: unknown init={self.init!r}; pass one of {', '.join(INIT_KINDS)}.")
-        from polar.optim.optimizer import VALID_MODES
-
-        if self.optimizer_mode not in VALID_MODES:
+        if self.optimizer_mode not in MODES:
             raise ValueError(
-                f"PolarConfig: unknown optimizer_mode={self.optimizer_mode!r}; pass one of {', '.join(VALID_MODES)}."
+                f"PolarConfig: unknown optimizer_mode={self.optimizer_mode!r}; pass one of {', '.join(MODES)}."
             )
         if self.landing_lambda is None or self.landing_lambda < 0:
             raise ValueError(

@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from polar.optim.landing import landing_field, orthogonality_error, retract_polar, retract_qr, riemannian_gradient
+from polar.optim.landing import landing_field
+from polar.optim.stiefel import Stiefel, orthogonality_error, riemannian_gradient
+from polar.optim.stiefel import retract as stiefel_retract
 
 DTYPE = torch.float64
 
@@ -16,17 +18,15 @@ __all__ = ["DTYPE", "haar_orthonormal", "landing_field", "make_target", "orth_er
 
 def haar_orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     """Haar-random ``rows × cols`` matrix with orthonormal columns (QR of a Gaussian, signs fixed)."""
-    Q, _ = retract_qr(torch.randn(rows, cols, generator=gen, dtype=DTYPE))
+    Q, _ = Stiefel().qr(torch.randn(rows, cols, generator=gen, dtype=DTYPE))
     return Q
 
 
 def retract(Z: torch.Tensor, kind: str) -> torch.Tensor:
     """Retraction onto St(n, p): ``polar`` → ``Z (ZᵀZ)^{-1/2}`` (the closest orthonormal matrix), ``qr`` → Q with
     diag(R) ≥ 0 (the library's kernels)."""
-    if kind == "polar":
-        return retract_polar(Z)
-    if kind == "qr":
-        return retract_qr(Z)[0]
+    if kind in ("polar", "qr"):
+        return stiefel_retract(Z, kind)
     raise ValueError(f"unknown retraction {kind!r}; use 'polar' or 'qr'")
 
 
