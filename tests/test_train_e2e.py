@@ -153,6 +153,14 @@ def test_refuse_overwrite_resume(assets, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["global_step"] == 3 and run["resolved"]["resumed_from"] is None
     assert [int(r["step"]) for r in _csv(out / "metrics.csv")] == [1, 2, 3]
+    # resume with other optimiser flags: refused (the checkpoint's optimiser groups would silently win), and
+    # nothing is written
+    before = (out / "run.json").read_text()
+    assert main([*_train_args(assets, out), "--resume", "--optimizer-mode", "landing"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with `LandingAdamW mode=riemannian retraction=polar`" in err
+    assert "asks for `LandingAdamW mode=landing landing_lambda=<adapter config>`" in err
+    assert (out / "run.json").read_text() == before
     # resume with nothing to resume
     assert main([*_train_args(assets, assets["root"] / "empty-run"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
@@ -170,6 +178,8 @@ def test_resume_continues_identically(assets, tmp_path):
     full_weights = load_file(str(out / "adapter_model.safetensors"))
     full_losses = {int(r["step"]): float(r["loss"]) for r in _csv(out / "metrics.csv") if r["loss"]}
     full_ranks = _csv(out / "stable_rank.csv")
+    full_peaks = [float(r["orth_error_peak"]) for r in _csv(out / "metrics.csv") if r["orth_error_peak"]]
+    full_run_peak = json.loads((out / "run.json").read_text())["peak_orth_error"]
     assert sorted(full_losses) == [1, 2, 3, 4] and sorted({int(r["step"]) for r in full_ranks}) == [0, 1, 2, 3, 4]
 
     assert main([*args, "--resume", str(out / "checkpoint-2")]) == 0  # as if it had died after step 2
@@ -180,6 +190,10 @@ def test_resume_continues_identically(assets, tmp_path):
     losses = {int(r["step"]): float(r["loss"]) for r in _csv(out / "metrics.csv") if r["loss"]}
     assert sorted(losses) == [1, 2, 3, 4]  # rows past the checkpoint replaced, not duplicated
     assert losses == pytest.approx(full_losses, rel=1e-6)
+    # the peak orthogonality error carries across the resume (it restarted at the resumed step before)
+    peaks = [float(r["orth_error_peak"]) for r in _csv(out / "metrics.csv") if r["orth_error_peak"]]
+    assert len(peaks) == 4 and peaks == pytest.approx(full_peaks, rel=1e-3)
+    assert json.loads((out / "run.json").read_text())["peak_orth_error"] == pytest.approx(full_run_peak, rel=1e-3)
     ranks = _csv(out / "stable_rank.csv")
     assert [(r["step"], r["module"]) for r in ranks] == [(r["step"], r["module"]) for r in full_ranks]
     sr = [float(r["stable_rank"] or "nan") for r in ranks]  # NaN at step 0, where ΔW = 0

@@ -42,6 +42,7 @@ class MetricsCSVCallback(TrainerCallback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.columns: list[str] = []
+        self.carried_peak = 0.0  # orth_error_peak of the rows kept from before a resume
         if self.path.is_file():
             with self.path.open(newline="") as handle:
                 self.columns = next(csv.reader(handle), [])
@@ -62,6 +63,8 @@ class MetricsCSVCallback(TrainerCallback):
             return
         rows = self._rows()
         kept = [r for r in rows if _as_step(r.get("step")) <= state.global_step]
+        # the optimiser's peak starts afresh in a new process: carry the resumed run's into the new rows
+        self.carried_peak = max([float(r["orth_error_peak"]) for r in kept if r.get("orth_error_peak")], default=0.0)
         if len(kept) != len(rows):
             self._rewrite(kept)
 
@@ -70,6 +73,8 @@ class MetricsCSVCallback(TrainerCallback):
             return  # the final summary line goes to run.json, not the per-step table
         row = {"step": state.global_step}
         row.update({ORTH_LOG_NAMES.get(k, k): v for k, v in logs.items()})
+        if "orth_error_peak" in row:
+            row["orth_error_peak"] = max(float(row["orth_error_peak"]), self.carried_peak)
         keys = [k for k in row if not isinstance(row[k], (dict, list, str)) or k == "step"]
         if any(k not in self.columns for k in keys) or not self.path.is_file():
             old_rows = self._rows() if self.path.is_file() else []

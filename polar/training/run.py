@@ -13,7 +13,7 @@ from typing import Any
 from polar.io import atomic_write_json
 from polar.loading import package_versions
 
-from .callbacks import make_callbacks
+from .callbacks import MetricsCSVCallback, make_callbacks
 from .folder import check_output_dir, clear_run, run_in_folder
 from .settings import TrainSettings, resolve_settings
 from .setup import model_dtype, orthogonality_error, prepare, trainer_setup, training_arguments
@@ -49,6 +49,9 @@ def _run(settings: TrainSettings, args: Any, spec: Any, resume_from: str | None,
 
     output_dir = Path(settings.output_dir)
     is_main = args.process_index == 0
+    trainer_cls, trainer_kwargs, optimizer_name = trainer_setup(settings)
+    if resume_from:
+        _check_resume_optimizer(output_dir, optimizer_name)
     set_seed(settings.seed)
     prepared = prepare(settings, spec, dtype)
     # Model, data and adapter are ready: only now touch the output folder (an old run is cleared only if the new
@@ -59,7 +62,6 @@ def _run(settings: TrainSettings, args: Any, spec: Any, resume_from: str | None,
             clear_run(output_dir)
     _barrier()
 
-    trainer_cls, trainer_kwargs, optimizer_name = trainer_setup(settings)
     if is_main:
         print(f"polar train: optimiser: {optimizer_name}", flush=True)
     trainer = trainer_cls(model=prepared.model, args=args, train_dataset=prepared.dataset,
@@ -85,12 +87,29 @@ def _run(settings: TrainSettings, args: Any, spec: Any, resume_from: str | None,
             from polar.optim.trainer import unwrap_landing_optimizer
 
             landing = unwrap_landing_optimizer(trainer.optimizer)
-            if landing is not None:  # the largest max ‖XᵀX − I‖_F over every step of this process
-                run_info["peak_orth_error"] = landing.orthogonality_report()["peak"]
+            if landing is not None:  # the largest max ‖XᵀX − I‖_F over every step, across resumes too
+                metrics = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsCSVCallback))
+                run_info["peak_orth_error"] = max(landing.orthogonality_report()["peak"], metrics.carried_peak)
         atomic_write_json(output_dir / "run.json", run_info)
     _barrier()
     return {"output_dir": str(output_dir), "metrics": result.metrics, "global_step": trainer.state.global_step,
             "run": run_info}
+
+
+def _check_resume_optimizer(output_dir: Path, optimizer_name: str) -> None:
+    """Refuse to resume with other optimiser settings: the checkpoint's optimiser state (its param groups carry
+    mode, λ, retraction, ...) would silently override the new flags while run.json recorded the new ones."""
+    previous = output_dir / "run.json"
+    if not previous.is_file():
+        return
+    before = json.loads(previous.read_text()).get("resolved", {}).get("optimizer")
+    if before is not None and before != optimizer_name:
+        raise ValueError(
+            f"polar train --resume: the run in {str(output_dir)!r} was trained with `{before}`, this command asks "
+            f"for `{optimizer_name}`. A resumed run continues with its checkpoint's optimiser, so resume with the "
+            "same optimiser flags (--optimizer-mode, --landing-lambda, --retraction, --safe-step, --stabilize-every), "
+            "or start a new run in another folder (or --overwrite)."
+        )
 
 
 def _run_record(settings: TrainSettings, spec: Any, prepared: Any, world_size: int, grad_accum: int,
