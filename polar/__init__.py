@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from polar.tuner import PolarConfig, PolarLayer, PolarLinear, PolarModel, PolarPeftType
+from polar.quiet_import import bitsandbytes_kernel_notice_silenced
+
+with bitsandbytes_kernel_notice_silenced():
+    from polar.tuner import PolarConfig, PolarLayer, PolarLinear, PolarModel, PolarPeftType
 
 __version__ = "0.1.0"
 

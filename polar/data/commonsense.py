@@ -8,8 +8,11 @@ option-filled sentence ``choices[gold] + target_delimiter + doc_to_target(doc)``
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from polar.data.instruction import Example
 
@@ -66,16 +69,16 @@ def _manager_for(task: str, include_path: str | Path | list | None):
     return _task_manager(include_path)
 
 
-def _task_config(manager: Any, task: str) -> dict:
-    """The full (includes resolved) YAML config of a registered lm-eval task."""
+def _task_yaml_path(manager: Any, task: str) -> str:
+    """The YAML file defining a registered lm-eval task (``TaskManager.task_index``, lm-eval ≥ 0.4.10)."""
     entry = manager.task_index.get(task) if hasattr(manager, "task_index") else None
-    if entry is not None and getattr(entry, "yaml_path", None):
-        from lm_eval.tasks._yaml_loader import load_yaml
-
-        return dict(load_yaml(entry.yaml_path, resolve_func=True))
-    if hasattr(manager, "_get_config"):  # lm-eval <= 0.4.9
-        return dict(manager._get_config(task))
-    raise ValueError(f"lm-eval task {task!r} has no YAML definition to build training data from.")
+    path = getattr(entry, "yaml_path", None)
+    if not path:
+        raise ValueError(
+            f"lm-eval task {task!r} has no YAML definition in this lm-eval's task index to build training data from "
+            "(lm-eval ≥ 0.4.10 is needed for --data-file)."
+        )
+    return str(path)
 
 
 def load_lm_eval_task(
@@ -115,23 +118,24 @@ def load_lm_eval_task(
     path = Path(data_files)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
-    config = _task_config(manager, task)
-    config.update(
-        dataset_path="json",
-        dataset_name=None,
-        dataset_kwargs={"data_files": {split: str(path.resolve())}},
-        training_split=split,
-        validation_split=split,
-        test_split=None,
-        fewshot_split=None,
-    )
-    config.pop("group", None)
-    config.pop("tag", None)
-    if hasattr(manager, "load"):
-        return next(iter(manager.load([config])["tasks"].values()))
-    from lm_eval.api.task import ConfigurableTask  # lm-eval <= 0.4.9
-
-    return ConfigurableTask(config=config)
+    # A one-file task folder: lm-eval resolves the `include` (nested includes, !function helpers) itself, through
+    # its public TaskManager; the keys below replace the data source only.
+    config = {
+        "include": _task_yaml_path(manager, task),
+        "task": task,
+        "tag": [],
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(path.resolve())}},
+        "training_split": split,
+        "validation_split": split,
+        "test_split": None,
+        "fewshot_split": None,
+    }
+    with tempfile.TemporaryDirectory(prefix="polar-task-") as folder:
+        (Path(folder) / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        local = _new_task_manager([folder], include_defaults=False)
+        return next(iter(local.load([task])["tasks"].values()))
 
 
 def doc_to_example(task_obj: Any, doc: dict) -> Example:

@@ -63,7 +63,7 @@ def stock_task_yaml(task: str) -> Path:
     root = Path(lm_eval.tasks.__file__).parent
     hint = STOCK_HINTS.get(task)
     if hint and (root / hint).is_file():
-        if yaml.safe_load((root / hint).read_text().replace("!function", "")).get("task") == task:
+        if (yaml.load((root / hint).read_text(), Loader=_TaskYamlLoader) or {}).get("task") == task:
             return root / hint
     from lm_eval.tasks import TaskManager
 
@@ -74,10 +74,31 @@ def stock_task_yaml(task: str) -> Path:
     return Path(path)
 
 
-def _stock_splits(stock: Path) -> dict[str, str]:
-    from lm_eval.tasks._yaml_loader import load_yaml
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Reads an lm-eval task YAML as data: a ``!function module.name`` tag stays the string after the tag."""
 
-    config = load_yaml(stock, resolve_func=False)
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def read_task_yaml(path: str | Path) -> dict:
+    """The keys of an lm-eval task YAML with its ``include`` chain merged (the including file's keys win), as lm-eval
+    merges them, without importing the ``!function`` helpers (they stay strings).
+
+    lm-eval has no public reader for this (its loader is the private ``lm_eval.tasks._yaml_loader``, 0.4.10–0.4.13;
+    ``lm_eval.utils.load_yaml_config`` before): reading the split names of a stock task needs only the data.
+    """
+    path = Path(path)
+    config = yaml.load(path.read_text(), Loader=_TaskYamlLoader) or {}
+    include = config.pop("include", None)
+    if include is None:
+        return config
+    included = Path(include) if Path(include).is_absolute() else path.parent / include
+    return {**read_task_yaml(included), **config}
+
+
+def _stock_splits(stock: Path) -> dict[str, str]:
+    config = read_task_yaml(stock)
     return {key: config[key] for key in SPLIT_KEYS if config.get(key)}
 
 
@@ -137,4 +158,11 @@ def write_local_tasks(
     return out
 
 
-__all__ = ["COMMONSENSE_LOCAL", "default_data_dir", "local_task_config", "stock_task_yaml", "write_local_tasks"]
+__all__ = [
+    "COMMONSENSE_LOCAL",
+    "default_data_dir",
+    "local_task_config",
+    "read_task_yaml",
+    "stock_task_yaml",
+    "write_local_tasks",
+]

@@ -13,6 +13,7 @@ from polar.optim.modes import DEFAULT_LAMBDA, DEFAULT_MODE as DEFAULT_OPTIMIZER_
 
 THETA_KINDS = ("full", "diagonal")
 INIT_KINDS = ("orthogonal",)
+BIAS_KINDS = ("none", "all", "polar_only")
 
 
 class PolarPeftType(str, enum.Enum):
@@ -44,8 +45,12 @@ class PolarConfig(PeftConfig):
         alpha_pattern: ``{regex: alpha}`` overrides of ``alpha`` for matching modules.
         modules_to_save: Extra modules (e.g. a classifier head) trained in full and saved with the adapter.
         theta: ``"full"`` (Θ is r × r) or ``"diagonal"`` (Θ is a vector of r values).
-        init: Initialisation of X and Y: ``"orthogonal"`` (random orthonormal columns; Θ = 0, so the model's
-            outputs are unchanged at initialisation).
+        init: Initialisation of X and Y: ``"orthogonal"`` (random orthonormal columns).
+        init_weights: Initialisation of Θ, PEFT's convention for every method: ``True`` (default) sets Θ = 0, so
+            ΔW = 0 and the model's outputs are unchanged at the start; ``False`` draws a small random Θ (ΔW ≠ 0,
+            with E‖ΔW‖_F = 0.1 whatever r and alpha), for tests that need an adapter that changes the output.
+            ``init`` (X, Y) and ``init_weights`` (Θ) are independent; adapters saved before ``init_weights``
+            existed load with the default ``True``, which is what they were created with.
         optimizer_mode: How :func:`polar.make_optimizer` keeps X and Y orthonormal when it is not told
             otherwise (see ``LandingAdamW``'s ``mode``). The paper's is ``"landing"`` with ``landing_lambda=5e-3``.
         landing_lambda: Strength λ of the landing field's normal term, read by :func:`polar.make_optimizer` for
@@ -53,7 +58,10 @@ class PolarConfig(PeftConfig):
         fan_in_fan_out: Whether the model has layers storing their weight as (in, out), like GPT-2's ``Conv1D``.
             Each layer's own type decides its layout; this is set automatically when such a layer is adapted
             and is kept so :func:`polar.export_lora` can tell PEFT's LoRA.
-        bias: Only ``"none"`` is supported: biases stay frozen.
+        bias: Which biases train with the adapter, as in PEFT's LoRA: ``"none"`` (default; biases stay frozen),
+            ``"all"`` (every bias of the model) or ``"polar_only"`` (the biases of the adapted layers). Trained
+            biases are saved with the adapter, loaded with it and stay in place on merge; disabling the adapter does
+            not undo them (PEFT warns). Only one adapter of a model may train biases.
     """
 
     r: int = field(default=8, metadata={"help": "PoLAR rank."})
@@ -79,13 +87,19 @@ class PolarConfig(PeftConfig):
     )
     theta: Literal["full", "diagonal"] = field(default="full", metadata={"help": "'full' (r × r) or 'diagonal'."})
     init: Literal["orthogonal"] = field(default="orthogonal", metadata={"help": "Initialisation of X and Y."})
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: Θ = 0 (ΔW = 0 at the start). False: a small random Θ (for tests)."},
+    )
     optimizer_mode: str = field(
         default=DEFAULT_OPTIMIZER_MODE,
         metadata={"help": "LandingAdamW mode make_optimizer uses for this adapter (riemannian, landing, ...)."},
     )
     landing_lambda: float = field(default=DEFAULT_LAMBDA, metadata={"help": "λ of the landing field (modes landing, penalty)."})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored as (in, out), as GPT-2's Conv1D."})
-    bias: Literal["none"] = field(default="none", metadata={"help": "Only 'none': biases are not trained."})
+    bias: Literal["none", "all", "polar_only"] = field(
+        default="none", metadata={"help": "Biases trained with the adapter: 'none', 'all' or 'polar_only'."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +121,14 @@ class PolarConfig(PeftConfig):
             raise ValueError(f"PolarConfig: unknown theta={self.theta!r}; pass one of {', '.join(THETA_KINDS)}.")
         if self.init not in INIT_KINDS:
             raise ValueError(f"PolarConfig: unknown init={self.init!r}; pass one of {', '.join(INIT_KINDS)}.")
+        if not isinstance(self.init_weights, bool):
+            # LoRA's init_lora_weights also takes scheme names; here the scheme of X and Y is `init`, and
+            # init_weights only says whether Θ starts at zero, so a string would be silently misread.
+            raise ValueError(
+                f"PolarConfig: init_weights must be True (Θ = 0, ΔW = 0 at the start) or False (a small random Θ), "
+                f"got {self.init_weights!r}; the initialisation of X and Y is chosen with init= "
+                f"({', '.join(INIT_KINDS)})."
+            )
         if self.optimizer_mode not in MODES:
             raise ValueError(
                 f"PolarConfig: unknown optimizer_mode={self.optimizer_mode!r}; pass one of {', '.join(MODES)}."
@@ -116,10 +138,10 @@ class PolarConfig(PeftConfig):
                 f"PolarConfig: landing_lambda must be ≥ 0, got {self.landing_lambda!r} "
                 "(the reference uses 5e-3; 1.0 holds the factors closer to orthonormal)."
             )
-        if self.bias != "none":
+        if self.bias not in BIAS_KINDS:
             raise ValueError(
-                f"PolarConfig: bias={self.bias!r} is not supported; PoLAR trains no biases, pass bias='none' "
-                "and list the module in modules_to_save if it must be trained."
+                f"PolarConfig: unknown bias={self.bias!r}; pass one of {', '.join(BIAS_KINDS)} ('lora_only' is "
+                "LoRA's name for 'polar_only')."
             )
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key, value in pattern.items():

@@ -6,11 +6,35 @@ import warnings
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import PolarConfig
+
+# Expected Frobenius norm of ΔW for a random start (init_weights=False).
+RANDOM_DELTA_NORM = 0.1
+
+
+def layer_in_out_features(layer: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    """(in_features, out_features) of a linear-like layer PoLAR can adapt, or (None, None).
+
+    PEFT has no public function for this (checked against PEFT 0.21.2; its private ``_get_in_out_features`` also
+    covers conv, embedding and attention layers that PoLAR does not adapt). The rules match it for PoLAR's layers:
+    ``Conv1D`` stores its weight as (in, out), under DeepSpeed ZeRO-3 with the full shape in ``ds_shape``; an
+    ``nn.Linear`` whose weight FSDP2 shards still computes the full projection, so its attributes are the shape;
+    quantised linear layers (bitsandbytes, torchao, HQQ, EETQ, AQLM, GPTQ) carry ``in_features``/``out_features``,
+    older GPTQ kernels ``infeatures``/``outfeatures``.
+    """
+    if isinstance(layer, Conv1D):
+        shape = getattr(layer.weight, "ds_shape", None) or layer.weight.shape
+        return int(shape[0]), int(shape[1])
+    for names in (("in_features", "out_features"), ("infeatures", "outfeatures")):
+        in_features, out_features = (getattr(layer, name, None) for name in names)
+        if isinstance(in_features, int) and isinstance(out_features, int):
+            return in_features, out_features
+    return None, None
 
 
 class PolarLayer(BaseTunerLayer):
@@ -39,7 +63,7 @@ class PolarLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
 
-        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        in_features, out_features = layer_in_out_features(self.get_base_layer())
         if in_features is None or out_features is None:
             raise TypeError(f"PoLAR cannot adapt a layer of type {type(self.get_base_layer()).__name__}.")
         self.in_features = in_features
@@ -72,19 +96,27 @@ class PolarLayer(BaseTunerLayer):
         self.polar_Y[adapter_name] = nn.Parameter(torch.empty(self.in_features, r))
         theta_shape = (r,) if config.theta == "diagonal" else (r, r)
         self.polar_theta[adapter_name] = nn.Parameter(torch.empty(theta_shape))
-        self.reset_polar_parameters(adapter_name, config.init)
+        self.reset_polar_parameters(adapter_name, config.init, init_weights=config.init_weights)
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def reset_polar_parameters(self, adapter_name: str, init: str = "orthogonal") -> None:
+    def reset_polar_parameters(self, adapter_name: str, init: str = "orthogonal", init_weights: bool = True) -> None:
+        """X, Y random orthonormal; Θ = 0 (``init_weights=True``) or random with E‖ΔW‖_F = RANDOM_DELTA_NORM."""
         if init != "orthogonal":
             raise ValueError(f"Unknown PoLAR init {init!r}; supported: 'orthogonal'.")
         with torch.no_grad():
             # orthogonal_ yields contiguous tensors and works on the meta device (torch.linalg.qr does neither).
             nn.init.orthogonal_(self.polar_X[adapter_name])
             nn.init.orthogonal_(self.polar_Y[adapter_name])
-            nn.init.zeros_(self.polar_theta[adapter_name])
+            theta = self.polar_theta[adapter_name]
+            if init_weights:
+                nn.init.zeros_(theta)
+            else:
+                # ‖ΔW‖_F = scaling · ‖Θ‖_F for orthonormal X, Y: this σ fixes the size of the update whatever r,
+                # alpha and the Θ layout, small enough for SGD at PEFT's test learning rates to stay finite.
+                std = RANDOM_DELTA_NORM / (self.scaling[adapter_name] * theta.numel() ** 0.5)
+                nn.init.normal_(theta, mean=0.0, std=std)
 
     def theta_matrix(self, adapter_name: str) -> torch.Tensor:
         """Θ as an r × r matrix (a diagonal Θ is stored as its r diagonal entries)."""
@@ -196,12 +228,13 @@ class PolarLinear(nn.Module, PolarLayer):
         """Row i of the batch through adapter ``adapter_names[i]`` only ("__base__": through none)."""
         if len(adapter_names) != len(x):
             raise ValueError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {len(x)} rows; pass one adapter "
-                "name (or '__base__') per row."
+                f"Length of `adapter_names` should be the same as the number of inputs, but got {len(adapter_names)} "
+                f"and {len(x)} respectively: pass one adapter name (or '__base__') per row."
             )
         if self.merged:
-            raise ValueError("Cannot pass adapter_names while adapters are merged into the base weights; call "
-                             "unmerge_adapter() first.")
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)

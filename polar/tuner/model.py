@@ -9,7 +9,11 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    AuxiliaryTrainingWrapper,
+    resolve_quantization_backend,
+)
 from peft.utils.error import NoMatchingPeftModuleError
 from peft.utils.other import get_pattern_key
 from torch import nn
@@ -48,13 +52,18 @@ class PolarModel(BaseTuner):
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Mixed-adapter batches: ``model(..., adapter_names=[...])`` sends row i through adapter
         ``adapter_names[i]`` ("__base__": no adapter), as PEFT's LoRA does. PeftModel calls this around forward
-        and generate; the names reach every PoLAR layer through a forward pre-hook."""
+        and generate; the names reach every PoLAR layer, and every ``modules_to_save`` copy (PEFT's
+        ``ModulesToSaveWrapper`` routes each row through its own adapter's copy), through a forward pre-hook."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
             return
         if self.training:
-            raise ValueError("adapter_names (mixed-adapter batches) is for inference: call model.eval() first.")
+            # PEFT's wording (its matrix checks it), then what to do.
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode. Mixed-adapter batches are for "
+                "inference: call model.eval() first."
+            )
         adapter_names = list(adapter_names)
         known = {name for _, layer in iter_polar_layers(self.model) for name in layer.polar_X}
         unknown = sorted(set(adapter_names) - known - {"__base__"})
@@ -69,7 +78,8 @@ class PolarModel(BaseTuner):
         handles = [
             layer.register_forward_pre_hook(partial(_inject_adapter_names, adapter_names=adapter_names),
                                             with_kwargs=True)
-            for _, layer in iter_polar_layers(self.model)
+            for layer in self.model.modules()
+            if isinstance(layer, (PolarLayer, AuxiliaryTrainingWrapper))
         ]
         try:
             yield

@@ -1,0 +1,37 @@
+"""Keep ``import polar`` free of a third-party notice that is not about anything the user did.
+
+PEFT imports bitsandbytes when it is installed (``peft/helpers.py``, checked against PEFT 0.21.2), and
+bitsandbytes ≥ 0.49 then tries to fetch an optional CPU 4-bit kernel from the kernels hub at import time. Where
+that kernel is not trusted or not reachable it logs "Failed to load CPU gemm_4bit_forward from kernels-community"
+and keeps its own CPU path, which is what runs either way. With no logging configured, Python prints that record
+on stderr, so every ``polar`` command would open with an error line.
+
+The filter below drops that one record, and only while polar imports PEFT: bitsandbytes' other messages, and this
+one for a program that imports bitsandbytes itself first, are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+KERNEL_NOTICE_LOGGER = "bitsandbytes.backends.cpu.ops"
+KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(KERNEL_NOTICE)
+
+
+@contextmanager
+def bitsandbytes_kernel_notice_silenced() -> Iterator[None]:
+    """While active, bitsandbytes' optional-CPU-kernel notice is not emitted (nothing else is filtered)."""
+    logger = logging.getLogger(KERNEL_NOTICE_LOGGER)
+    notice_filter = _DropKernelNotice()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
