@@ -79,7 +79,7 @@ def export_lora(
     for key, tensor in state.items():
         split = _split_key(key, POLAR_SUFFIXES)
         if split is None:
-            passthrough[key] = tensor  # modules_to_save and the like load the same way under LoRA
+            passthrough[key] = tensor  # modules_to_save and trained biases load the same way under LoRA
         else:
             modules.setdefault(split[0], {})[split[1]] = tensor
     if not modules:
@@ -118,7 +118,7 @@ def export_lora(
         modules_to_save=config.get("modules_to_save"),
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         lora_dropout=float(config.get("dropout", 0.0)),
-        bias="none",
+        bias={"none": "none", "all": "all", "polar_only": "lora_only"}[config.get("bias", "none")],
         task_type=config.get("task_type"),
         base_model_name_or_path=config.get("base_model_name_or_path"),
         revision=config.get("revision"),

@@ -157,3 +157,21 @@ def test_import_and_help_print_no_third_party_line(command):
     assert done.stderr == ""
     if command[0] == "-c":
         assert done.stdout == ""
+
+
+@pytest.mark.parametrize(("bias", "lora_bias"), [("all", "all"), ("polar_only", "lora_only")])
+def test_export_lora_keeps_trained_biases(tmp_path, bias, lora_bias):
+    model = _bert_polar(bias=bias)
+    randomize_theta(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and name.endswith(".bias"):
+                param.add_(0.25)
+    ids = sample_input()
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path / "polar")
+    polar.export_lora(tmp_path / "polar", tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["bias"] == lora_bias
+    lora = PeftModel.from_pretrained(tiny_bert(), tmp_path / "lora")
+    assert type(lora.peft_config["default"]).__name__ == "LoraConfig"
+    torch.testing.assert_close(logits(lora, ids), expected, rtol=1e-5, atol=1e-6)
