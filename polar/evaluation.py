@@ -5,13 +5,18 @@
   with the math recipe's Alpaca-style prompt) are always on the include path.
 - Sequence-classification adapters (GLUE) are scored on the GLUE dev sets with the GLUE metrics.
 
-Results are written as JSON (atomically) and returned; :func:`format_table` renders them.
+Results are written as JSON (atomically) and returned; :func:`format_table` renders them. Beside the results file,
+one JSON Lines file per task keeps the per-question records (``<results stem>_samples_<task>.jsonl``; format in
+docs/evaluation.md), which ``polar compare`` pairs between runs; the results JSON lists them under ``"samples"``
+with their question count and SHA-256.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +28,8 @@ from polar.loading import package_versions
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 RESULTS_NAME = "eval_results.json"
+#: Version of the per-question record format (docs/evaluation.md); readers refuse other versions.
+SAMPLES_FORMAT = 1
 
 
 def read_run(adapter_dir: str | Path) -> dict[str, Any]:
@@ -104,33 +111,72 @@ def evaluate(
                 f"classification adapters evaluate on GLUE tasks only (glue:<name>); got {', '.join(bad)}.")
         data_dir = data_dir or settings.get("data_dir")
         cutoff = int(settings.get("cutoff") or 512)
-        per_task = {t: _evaluate_glue(adapter_dir, base, t, data_dir, batch_size, limit, device,
-                                      trust_remote_code, cutoff) for t in task_list}
-        results: dict[str, Any] = {"kind": "glue", "results": per_task}
+        per_task, records = {}, {}
+        for t in task_list:
+            per_task[t], task_records = _evaluate_glue(adapter_dir, base, t, data_dir, batch_size, limit, device,
+                                                       trust_remote_code, cutoff)
+            records.update(task_records)
+        results: dict[str, Any] = {"kind": "glue", "results": per_task, "records": records}
     else:
         results = _evaluate_lm(adapter_dir, base, task_list, num_fewshot, batch_size, limit, include_path, device,
                                dtype, trust_remote_code, seed)
     from polar.io import atomic_write_json
 
+    records = results.pop("records", {})
     if results.pop("main_process", True) is False:
         return {"adapter": str(adapter_dir), "base_model": base, "tasks": task_list, **results, "output": None}
+    target = Path(output) if output else adapter_dir / RESULTS_NAME
+    # The per-question files first: the results JSON that lists them (with their hashes) is written last, so it
+    # never names a file that is not there.
+    samples = write_samples(target, records)
     out = {
         "adapter": str(adapter_dir),
         "base_model": base,
         "peft_type": str(config.get("peft_type")),
         "tasks": task_list,
         **results,
+        "samples": samples,
         "settings": {"num_fewshot": num_fewshot, "batch_size": batch_size, "limit": limit,
                      "include_path": include_path, "device": device, "data_dir": str(data_dir) if data_dir else None},
         "versions": package_versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 2),
     }
-    target = Path(output) if output else adapter_dir / RESULTS_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(target, _clean(out))
     out["output"] = str(target)
     return out
+
+
+def samples_path(results_path: str | Path, task: str) -> Path:
+    """Where the per-question records of ``task`` go beside the results file ``results_path``."""
+    results_path = Path(results_path)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", task).strip("-") or "task"
+    return results_path.with_name(f"{results_path.stem}_samples_{safe}.jsonl")
+
+
+def write_samples(results_path: str | Path, records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Write each task's per-question records atomically beside ``results_path``; returns the ``"samples"`` entry
+    of the results JSON: ``{"format": 1, "tasks": {task: {"file", "n", "sha256"}}}`` (file names relative to the
+    results file's folder)."""
+    from polar.io import atomic_write_bytes
+
+    listed: dict[str, Any] = {}
+    seen: dict[Path, str] = {}
+    for task, rows in records.items():
+        path = samples_path(results_path, task)
+        if path in seen:  # e.g. "a:b" and "a-b" map to one file name
+            raise ValueError(f"tasks {seen[path]!r} and {task!r} would share the per-question file {path.name}; "
+                             "evaluate them into separate --output files.")
+        seen[path] = task
+        data = "".join(json.dumps(_clean(row), ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        atomic_write_bytes(path, data)
+        listed[task] = {"file": path.name, "n": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"format": SAMPLES_FORMAT, "tasks": listed}
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
 def check_limit(limit: int | float | None) -> int | float | None:
@@ -221,7 +267,7 @@ def _evaluate_lm(adapter_dir: Path, base: str, tasks: list[str], num_fewshot: in
         raise
     try:
         raw = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False,
+            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=True,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
     except Exception as err:  # noqa: BLE001 - offline dataset download, re-raised with advice
@@ -248,6 +294,7 @@ def _evaluate_lm(adapter_dir: Path, base: str, tasks: list[str], num_fewshot: in
     return {
         "kind": "lm-eval",
         "results": results,
+        "records": {task: _lm_eval_records(task, logged) for task, logged in (raw.get("samples") or {}).items()},
         "n-shot": raw.get("n-shot"),
         "lm_eval_versions": raw.get("versions"),
         "n-samples": raw.get("n-samples"),
@@ -255,9 +302,41 @@ def _evaluate_lm(adapter_dir: Path, base: str, tasks: list[str], num_fewshot: in
     }
 
 
+def _lm_eval_records(task: str, logged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """lm-eval's logged samples of one task as per-question records (one per doc; lm-eval logs a doc once per
+    filter, whose metrics are merged under ``metric,filter`` names as in the results)."""
+    by_doc: dict[int, dict[str, Any]] = {}
+    for sample in logged:
+        doc_id = int(sample["doc_id"])
+        record = by_doc.get(doc_id)
+        if record is None:
+            scores, responses = [], []
+            for resp in sample.get("filtered_resps") or []:
+                if isinstance(resp, (list, tuple)) and resp and isinstance(resp[0], (int, float)):
+                    scores.append(float(resp[0]))  # (log-likelihood, is_greedy) of one choice
+                else:
+                    responses.append(resp if isinstance(resp, str) else str(resp))
+            record = {"task": task, "doc_id": doc_id, "doc_hash": sample.get("doc_hash"),
+                      "prompt_hash": sample.get("prompt_hash"), "target": sample.get("target"), "metrics": {}}
+            if scores:
+                record["scores"] = scores
+            if responses:
+                record["responses"] = responses
+            by_doc[doc_id] = record
+        filt = sample.get("filter", "none")
+        for name in sample.get("metrics") or []:
+            value = sample.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # e.g. a corpus-level metric's per-doc tuple
+            record["metrics"][name if filt in ("", "none") else f"{name},{filt}"] = float(value)
+    return [by_doc[k] for k in sorted(by_doc)]
+
+
 # ---------------------------------------------------------------------------------------------- GLUE
 def _evaluate_glue(adapter_dir: Path, base: str, task: str, data_dir: Any, batch_size: Any, limit: Any,
-                   device: str, trust_remote_code: bool, cutoff: int = 512) -> dict[str, Any]:
+                   device: str, trust_remote_code: bool, cutoff: int = 512) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The GLUE metrics of ``task`` (per dev split when it has several) and its per-question records (keyed
+    ``task`` or ``task/<split>``)."""
     import torch
     from peft import PeftModel
 
@@ -282,9 +361,10 @@ def _evaluate_glue(adapter_dir: Path, base: str, task: str, data_dir: Any, batch
 
     collator = DataCollatorWithPadding(tokenizer)
     out: dict[str, Any] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
     for split, examples in splits.items():
         dataset = ClassificationDataset(examples, tokenizer, cutoff, gtask.is_regression)
-        preds, gold = [], []
+        preds, gold, scores = [], [], []
         with torch.no_grad():
             for start in range(0, len(dataset), bs):
                 batch = collator([dataset[i] for i in range(start, min(start + bs, len(dataset)))])
@@ -292,12 +372,21 @@ def _evaluate_glue(adapter_dir: Path, base: str, task: str, data_dir: Any, batch
                 logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
                 preds.extend((logits[:, 0] if gtask.is_regression else logits.argmax(-1)).tolist())
                 gold.extend(labels.tolist())
+                scores.extend(logits.tolist())
         metrics = glue_metrics(gtask, preds, gold)
         metrics["num_examples"] = len(gold)
         out[split] = metrics
+        name = task if len(splits) == 1 else f"{task}/{split}"
+        records[name] = [
+            {"task": name, "doc_id": i, "doc_hash": _sha256_json([list(e.texts), e.label]),
+             "prompt_hash": _sha256_json(list(e.texts)), "target": gold[i], "prediction": preds[i],
+             "scores": scores[i],
+             # per-question correctness (its mean is GLUE's accuracy); none for a regression task
+             "metrics": {} if gtask.is_regression else {"acc": float(preds[i] == gold[i])}}
+            for i, e in enumerate(examples)]
     if len(out) == 1:
-        return next(iter(out.values()))
-    return out
+        return next(iter(out.values())), records
+    return out, records
 
 
 # ---------------------------------------------------------------------------------------------- table

@@ -153,9 +153,16 @@ MC_DOCS = [
 
 
 def mc_accuracy(base_dir: str | Path, adapter_dir: str | Path, docs: list[dict]) -> float:
-    """Accuracy on ``write_mc_task``'s task computed without lm-eval: base + adapter loaded with PEFT, each choice
-    scored by the summed log-probability of its tokens after ``"Question: <q> Answer:"`` (the target delimiter is a
-    space), the highest-scoring choice predicted (the first on ties)."""
+    """Accuracy on ``write_mc_task``'s task computed without lm-eval (see :func:`mc_correctness`)."""
+    correct = mc_correctness(base_dir, adapter_dir, docs)
+    return sum(correct) / len(correct)
+
+
+def mc_correctness(base_dir: str | Path, adapter_dir: str | Path, docs: list[dict]) -> list[float]:
+    """Per-question correctness (1.0 / 0.0) on ``write_mc_task``'s task computed without lm-eval: base + adapter
+    loaded with PEFT, each choice scored by the summed log-probability of its tokens after
+    ``"Question: <q> Answer:"`` (the target delimiter is a space), the highest-scoring choice predicted (the first
+    on ties)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -164,7 +171,7 @@ def mc_accuracy(base_dir: str | Path, adapter_dir: str | Path, docs: list[dict])
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter_dir)).eval()
-    correct = 0
+    correct = []
     for doc in docs:
         context = f"Question: {doc['question']} Answer:"
         context_ids = tokenizer(context, add_special_tokens=False).input_ids
@@ -175,8 +182,8 @@ def mc_accuracy(base_dir: str | Path, adapter_dir: str | Path, docs: list[dict])
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
             scores.append(sum(float(logprobs[i - 1, ids[i]]) for i in range(len(context_ids), len(ids))))
-        correct += int(max(range(len(scores)), key=lambda i: (scores[i], -i)) == doc["label"])
-    return correct / len(docs)
+        correct.append(float(max(range(len(scores)), key=lambda i: (scores[i], -i)) == doc["label"]))
+    return correct
 
 
 def glue_accuracy(adapter_dir: str | Path, dev_tsv: str | Path, labels: list[str], cutoff: int = 512) -> float:

@@ -1,12 +1,16 @@
 """benchmarks/commonsense_smollm.py at a tiny size (a tiny Llama instead of SmolLM2, a four-question ARC-schema
 folder): cells run through polar.train/evaluate/analyze over generated <task>_local tasks, are skipped once
-recorded, carry the PoLAR variant in their id, and `verify` recomputes the recorded stable ranks (and catches a
-wrong one). Also the local-task generator: the stock task's prompt fields, only the data source changed."""
+recorded (by their whole setup: another eval limit runs again), carry the PoLAR variant and a setup hash in their
+id and the project's commit in their row, `report` keeps setups apart, `verify` recomputes the recorded stable
+ranks (catches a wrong one, fails when it checked nothing), and `paired` is polar compare on the cells' runs.
+Also the local-task generator: the stock task's prompt fields, only the data source changed."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -68,10 +72,15 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     assert bench.main([*run, "--adapters", "lora,polar"]) == 0
     assert bench.main(["floor", "--tasks", "arc_easy", *common]) == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [r["cell"] for r in rows] == [
-        "arc_easy-lora-r2-lr0.0004-s0-2steps", "arc_easy-polar-riemannian-r2-lr0.004-s0-2steps",
-        "arc_easy-floor-limit4"]
+    patterns = ["arc_easy-lora-r2-lr0.0004-s0-2steps-[0-9a-f]{8}", "arc_easy-polar-riemannian-r2-lr0.004-s0-2steps-"
+                "[0-9a-f]{8}", "arc_easy-floor-limit4-[0-9a-f]{8}"]
+    assert all(re.fullmatch(p, r["cell"]) for p, r in zip(patterns, rows)) and len(rows) == 3
     lora, polar_row, floor = rows
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    for row in rows:  # every row carries the project's commit
+        assert row["git"]["commit"] == head and isinstance(row["git"]["dirty"], bool)
+    assert lora["eval_questions"] == 4 and lora["train"] == bench.TRAIN
+    assert (tmp_path / "runs" / lora["cell"] / "eval_results_samples_arc_easy_local.jsonl").is_file()
     assert set(lora["median_stable_rank_by_type"]) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
     assert len(lora["stable_ranks"]) == len(lora["modules"]) == 2 * 5  # 2 layers × 5 targets
     assert lora["peak_orth_error"] is None and polar_row["peak_orth_error"] >= polar_row["final_orth_error"] > 0
@@ -96,6 +105,59 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     assert bench.main(["report", "--results", str(tmp_path / "results.jsonl")]) == 0
     table = capsys.readouterr().out
     assert "| arc_easy | – | zero-shot base |" in table and "| arc_easy | 2 | polar (riemannian) | 0.004 |" in table
+    assert f"| {head[:7]}" in table
+
+    # verify with no adapter to check fails instead of passing
+    assert bench.main(["verify", "--results", str(tmp_path / "results.jsonl"), "--runs", str(tmp_path / "none")]) == 1
+    assert "nothing was checked" in capsys.readouterr().out
+
+    # another eval limit is another cell (it runs, it is not skipped as done), and report keeps the two apart
+    other = [*run, "--adapters", "lora"]
+    other[other.index("--eval-limit") + 1] = "2"
+    assert bench.main(other) == 0
+    assert "1 cells, 0 already in" in capsys.readouterr().out
+    assert bench.main(["report", "--results", str(tmp_path / "results.jsonl")]) == 0
+    lora_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| arc_easy | 2 | lora |")]
+    assert [line.split(" | ")[5] for line in lora_lines] == ["2", "4"] and all(" | 1 | " in x for x in lora_lines)
+
+    # paired: polar compare on the cells' runs (the limit-4 ones), checked against the per-question files
+    from polar.compare import compare_runs
+
+    paired_json, plot = tmp_path / "paired.json", tmp_path / "paired.png"
+    assert bench.main(["paired", "--tasks", "arc_easy", "--adapters", "lora,polar", "--rank", "2", "--steps", "2",
+                       "--batch-size", "2", "--cutoff", "16", "--resamples", "500", *common, "--json",
+                       str(paired_json), "--plot", str(plot)]) == 0
+    assert "polar-riemannian − lora, acc" in capsys.readouterr().out
+    result = json.loads(paired_json.read_text())
+    runs = [tmp_path / "runs" / lora["cell"], tmp_path / "runs" / polar_row["cell"]]
+    assert result["comparisons"] == compare_runs([[runs[0]], [runs[1]]], labels=["lora", "polar-riemannian"],
+                                                 resamples=500)["comparisons"]
+    per_question = [[json.loads(line)["metrics"]["acc"] for line in
+                     (run / "eval_results_samples_arc_easy_local.jsonl").read_text().splitlines()] for run in runs]
+    row = next(r for r in result["comparisons"][0]["rows"] if r["metric"] == "acc")
+    assert row["n"] == 4 and row["diff"] == pytest.approx(sum(per_question[1]) / 4 - sum(per_question[0]) / 4)
+    assert row["a"] == pytest.approx(lora["metrics"]["acc"]) and plot.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="no dora cell on arc_easy"):
+        bench.main(["paired", "--tasks", "arc_easy", "--adapters", "lora,dora", "--rank", "2", "--steps", "2",
+                    "--batch-size", "2", "--cutoff", "16", *common])
+
+
+def test_every_setting_changes_the_cell_id():
+    bench = _load_script()
+    base = {"model": "m", "task": "arc_easy", "adapter": "polar", "variant": "riemannian",
+            "optimizer_settings": {"optimizer_mode": "riemannian"}, "r": 32, "learning_rate": 2e-3, "steps": 300,
+            "batch_size": 8, "cutoff": 64, "eval_limit": 1000, "train": bench.TRAIN, "seed": 0}
+    changed = {"model": "m2", "task": "piqa", "adapter": "lora", "variant": "landing",
+               "optimizer_settings": {"optimizer_mode": "landing"}, "r": 8, "learning_rate": 4e-3, "steps": 60,
+               "batch_size": 4, "cutoff": 128, "eval_limit": 200, "train": {**bench.TRAIN, "dropout": 0.1}, "seed": 1}
+    assert set(changed) == set(bench.setup_of(base))  # every field of the setup is exercised
+    ids = {bench.cell_id(bench.setup_of(base))}
+    for key, value in changed.items():
+        ids.add(bench.cell_id(bench.setup_of({**base, key: value})))
+    assert len(ids) == 1 + len(changed)
+    # rows from before rows carried their training settings are read with the settings of that time
+    legacy = {k: v for k, v in base.items() if k != "train"}
+    assert bench.setup_of(legacy)["train"] == bench.LEGACY_TRAIN == bench.TRAIN
 
 
 def test_unknown_setting_of_a_variant_is_refused(monkeypatch):
@@ -123,6 +185,8 @@ def test_learning_rates_chosen_from_the_recorded_grid(capsys):
     ]
     chosen = bench.choose_lrs(rows, "arc_easy", 8, 60, 200)
     assert chosen == {"lora": (1e-3,), "polar-riemannian": (4e-3,), "polar-landing": (2e-3,)}  # tie → smaller lr
+    other_model = [{**row, "model": "other"} for row in rows[:2]] + [{**row, "model": "m"} for row in rows[2:]]
+    assert bench.choose_lrs(other_model, "arc_easy", 8, 60, 200, match={"model": "m"})["lora"] == (2e-3,)
     assert "polar-riemannian 0.004 (acc 0.6200)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no seed-0 cells of r = 8, 300 steps"):
         bench.choose_lrs(rows[:6], "arc_easy", 8, 300, 200)

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "plot",
     "train",
     "evaluate",
+    "compare",
     "tasks",
     "lm_eval_cli",
 ]

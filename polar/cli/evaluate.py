@@ -9,6 +9,13 @@ causal-LM adapters run through the stock lm-evaluation-harness; shipped task ove
   gsm8k_alpaca, hendrycks_math_alpaca   GSM8K / MATH zero-shot with the math recipe's Alpaca prompt
 classification adapters (trained on glue:<name>) are scored on the GLUE dev set(s).
 
+per-question records: beside the results JSON, one JSON Lines file per task, <stem>_samples_<task>.jsonl
+(eval_results_samples_arc_easy.jsonl by default; task names with other characters than letters, digits, _ . -
+have them replaced by -), one line per question: task, doc_id, doc_hash, prompt_hash, target, scores (per-choice
+log-likelihoods, or the classifier's logits), responses (generation tasks), prediction (GLUE) and metrics (the
+question's acc, acc_norm, exact_match, ... as lm-eval scores it; GLUE: acc). The results JSON lists them under
+"samples" with their question count and SHA-256; `polar compare` pairs them between runs (docs/evaluation.md).
+
 examples:
   polar eval runs/boolq --tasks boolq
   polar eval runs/boolq --tasks boolq,piqa --batch-size 16 --output results/boolq.json
