@@ -15,6 +15,15 @@ Sections (all ratios are taken within one run, so machine-wide noise affects bot
    that autograd's per-parameter gradients would still force. Each against the same thread's sgemm, in one loop.
 4. ``train``: a full training step (forward, backward, optimiser) of a small Llama built from a config with PoLAR
    (LandingAdamW) vs PEFT LoRA and DoRA (torch AdamW) at equal r, with peak memory.
+5. ``peers`` (benchmarks/bench_peers.py; always one thread): one step on the 7B-shaped factor set, without Θ's, of
+   torch AdamW (default, fused), LandingAdamW (default riemannian, with fused=True passed, landing), geoopt's
+   RiemannianAdam and pogo's POGO, interleaved; ‖XᵀX − I‖_F afterwards and the fraction of the FLOP floor reached.
+   Needs the optional ``bench`` extra (geoopt, pogo-torch); skipped with the install line when missing.
+6. ``smollm2-step`` (benchmarks/bench_smollm2.py; 2 threads): the SmolLM2-135M training step, PoLAR vs LoRA, with
+   steady memory and each variant's RSS high-water mark in its own process. Needs the ``smollm`` extra.
+7. ``smollm2-profile``: where PoLAR's SmolLM2 step time goes (phases, top ops of the optimiser step), forward
+   orders of one adapter, optimiser alternatives on the real factor set, the orthogonality measurement, and the
+   polar-retraction coefficient (eigh vs Newton–Schulz).
 
 Memory on CPU: the torch profiler's per-op allocation events (``profile_memory=True``) are replayed in time order;
 "transient peak" is the high-water mark of live bytes allocated during one training step above what was live when
@@ -23,6 +32,8 @@ it began; "steady" is parameters + gradients + optimiser state (exact byte count
 
     .venv/bin/python benchmarks/bench_landing.py --out /tmp/bench_landing.md
     .venv/bin/python benchmarks/bench_landing.py --device cuda --out bench_cuda.md   # see gpu_check.sh
+    .venv/bin/python benchmarks/bench_landing.py --sections peers --set-reps 7 --out /tmp/bench_peers.md
+    .venv/bin/python benchmarks/bench_landing.py --sections smollm2-step,smollm2-profile --train-reps 15 --out /tmp/smollm2.md
 """
 
 from __future__ import annotations
@@ -397,7 +408,8 @@ def bench_train(device: torch.device, hidden: int, layers: int, r: int, batch: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--sections", default="grid,set7b,train", help="comma-separated subset of grid,set7b,ceiling,train")
+    ap.add_argument("--sections", default="grid,set7b,train",
+                    help="comma-separated subset of grid,set7b,ceiling,train,peers,smollm2-step,smollm2-profile")
     ap.add_argument("--ns", default="768,4096,11008")
     ap.add_argument("--rs", default="4,32,256")
     ap.add_argument("--target-s", type=float, default=0.5, help="seconds of repeats per grid cell and method")
@@ -433,6 +445,23 @@ def main(argv: list[str] | None = None) -> int:
     if "ceiling" in sections:
         out += ["### The 7B-shaped landing transform: kernels alone, stacked storage, the gradient copy", "",
                 bench_ceiling(device, a.set_reps), ""]
+        print(out[-2], flush=True)
+    if "peers" in sections:
+        from bench_peers import bench_peers  # here, not at the top: it imports this module's timers
+
+        out += ["### One optimiser step on the 7B-shaped factor set: AdamW, LandingAdamW, geoopt, pogo (1 thread)", "",
+                bench_peers(a.set_reps), ""]
+        print(out[-2], flush=True)
+    if "smollm2-step" in sections:
+        from bench_smollm2 import bench_smollm2_step
+
+        out += ["### SmolLM2-135M training step: PoLAR vs LoRA (2 threads)", "", bench_smollm2_step(a.train_reps), ""]
+        print(out[-2], flush=True)
+    if "smollm2-profile" in sections:
+        from bench_smollm2 import bench_smollm2_profile
+
+        out += ["### SmolLM2-135M: where PoLAR's step time goes, and the alternatives", "",
+                bench_smollm2_profile(a.train_reps), ""]
         print(out[-2], flush=True)
     if "train" in sections:
         out += ["### Full training step, small Llama, PoLAR vs LoRA vs DoRA", "",
