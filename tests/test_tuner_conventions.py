@@ -71,6 +71,17 @@ def test_adapter_saved_without_init_weights_loads(tmp_path):
 # bias ----------------------------------------------------------------------------------------------------------
 
 
+def _bert_with_trained_biases(bias: str, shift: float):
+    """A PoLAR BERT whose trainable biases (per ``bias``) moved by ``shift``, and Θ random."""
+    model = _bert_polar(bias=bias)
+    randomize_theta(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and name.endswith(".bias"):
+                param.add_(shift)
+    return model
+
+
 def _trainable_biases(model) -> set[str]:
     return {name for name, p in model.named_parameters() if name.endswith(".bias") and p.requires_grad}
 
@@ -86,12 +97,11 @@ def test_bias_modes_choose_the_trainable_biases():
 
 @pytest.mark.parametrize("bias", ["all", "polar_only"])
 def test_trained_biases_are_saved_loaded_and_kept_on_merge(tmp_path, bias):
-    model = _bert_polar(bias=bias)
-    randomize_theta(model)
+    model = _bert_with_trained_biases(bias, 0.0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.requires_grad and name.endswith(".bias"):
-                param.fill_(0.123)
+                param.fill_(0.123)  # a value the saved file must hold exactly
     ids = sample_input()
     adapted = logits(model, ids)
     model.save_pretrained(tmp_path)
@@ -161,12 +171,7 @@ def test_import_and_help_print_no_third_party_line(command):
 
 @pytest.mark.parametrize(("bias", "lora_bias"), [("all", "all"), ("polar_only", "lora_only")])
 def test_export_lora_keeps_trained_biases(tmp_path, bias, lora_bias):
-    model = _bert_polar(bias=bias)
-    randomize_theta(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and name.endswith(".bias"):
-                param.add_(0.25)
+    model = _bert_with_trained_biases(bias, 0.25)
     ids = sample_input()
     expected = logits(model, ids)
     model.save_pretrained(tmp_path / "polar")
