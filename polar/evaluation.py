@@ -25,6 +25,7 @@ import polar  # noqa: F401  (registers PoLAR with PEFT before any adapter is loa
 from polar.formats import adapter_kind, read_adapter_config
 from polar.loading import is_connection_error, load_model_and_tokenizer, model_source, offline_model_error
 from polar.loading import package_versions
+from polar.quiet_import import peft_checkpointing_alias_silenced
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 RESULTS_NAME = "eval_results.json"
@@ -259,8 +260,9 @@ def _evaluate_lm(adapter_dir: Path, base: str, tasks: list[str], num_fewshot: in
     source = model_source(base)  # a short name (e.g. smollm2-135m) becomes its converted local folder
     tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else source
     try:
-        lm = HFLM(pretrained=source, peft=str(adapter_dir), tokenizer=tokenizer_source, batch_size=batch_size,
-                  device=device, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+        with peft_checkpointing_alias_silenced():
+            lm = HFLM(pretrained=source, peft=str(adapter_dir), tokenizer=tokenizer_source, batch_size=batch_size,
+                      device=device, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     except OSError as err:
         if not Path(base).is_dir():
             raise offline_model_error(base, err) from err
@@ -349,7 +351,8 @@ def _evaluate_glue(adapter_dir: Path, base: str, task: str, data_dir: Any, batch
     tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     model, tokenizer = load_model_and_tokenizer(base, "seq-cls", None, trust_remote_code,
                                                 tokenizer_source=tokenizer_source, **label_kwargs)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    with peft_checkpointing_alias_silenced():
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.to(device).eval()
     bs = int(batch_size) if str(batch_size).isdigit() else 32
     # A count limits each dev split to its first N examples; a fraction (lm-eval's meaning of limit < 1) to the

@@ -129,6 +129,7 @@ def prepare(settings: TrainSettings, spec: Any, dtype: Any) -> Prepared:
     from peft import get_peft_model
 
     from polar.data import CausalLMCollator, CausalLMDataset, ClassificationDataset, glue_task, load_examples
+    from polar.quiet_import import peft_checkpointing_alias_silenced
 
     kind, label_kwargs, gtask = "causal", {}, None
     if spec.is_classification:
@@ -158,7 +159,8 @@ def prepare(settings: TrainSettings, spec: Any, dtype: Any) -> Prepared:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     peft_config = build_peft_config(settings, model, spec.is_classification)
-    model = get_peft_model(model, peft_config)
+    with peft_checkpointing_alias_silenced():
+        model = get_peft_model(model, peft_config)
     # Trainable parameters in fp32 (fp16 AMP needs fp32 master weights). PoLAR factors already are: the tuner
     # re-orthonormalises fresh factors after PEFT upcasts them from a half-precision base.
     for param in model.parameters():
