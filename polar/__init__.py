@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from polar.quiet_import import bitsandbytes_kernel_notice_silenced
+from polar.third_party_notices import bitsandbytes_kernel_notice_silenced
 
 with bitsandbytes_kernel_notice_silenced():
     from polar.tuner import PolarConfig, PolarLayer, PolarLinear, PolarModel, PolarPeftType

@@ -25,7 +25,7 @@ import polar  # noqa: F401  (registers PoLAR with PEFT before any adapter is loa
 from polar.formats import adapter_kind, read_adapter_config
 from polar.loading import is_connection_error, load_model_and_tokenizer, model_source, offline_model_error
 from polar.loading import package_versions
-from polar.quiet_import import peft_checkpointing_alias_silenced
+from polar.third_party_notices import peft_checkpointing_alias_silenced
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 RESULTS_NAME = "eval_results.json"

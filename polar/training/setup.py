@@ -129,7 +129,7 @@ def prepare(settings: TrainSettings, spec: Any, dtype: Any) -> Prepared:
     from peft import get_peft_model
 
     from polar.data import CausalLMCollator, CausalLMDataset, ClassificationDataset, glue_task, load_examples
-    from polar.quiet_import import peft_checkpointing_alias_silenced
+    from polar.third_party_notices import peft_checkpointing_alias_silenced
 
     kind, label_kwargs, gtask = "causal", {}, None
     if spec.is_classification:
