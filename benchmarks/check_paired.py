@@ -53,6 +53,22 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[low] + (position - low) * (sorted_values[high] - sorted_values[low])
 
 
+def recompute(strata: list[tuple[list[float], list[float]]], rng: random.Random, resamples: int) -> dict:
+    """One row from its tasks' (A, B) per-question values: a task row has one stratum, a pooled row one per task
+    (pooled = unweighted mean of the task values; each task resampled on its own, i.e. stratified)."""
+    diffs = [[y - x for x, y in zip(a, b)] for a, b in strata]
+    pairs = [(x, y) for a, b in strata for x, y in zip(a, b)]
+    only_a = sum(1 for x, y in pairs if x == 1 and y == 0)
+    only_b = sum(1 for x, y in pairs if x == 0 and y == 1)
+    boot = sorted(sum(sum(d[rng.randrange(len(d))] for _ in d) / len(d) for d in diffs) / len(diffs)
+                  for _ in range(resamples))
+    return {"n": len(pairs), "a": sum(sum(a) / len(a) for a, _ in strata) / len(strata),
+            "b": sum(sum(b) / len(b) for _, b in strata) / len(strata),
+            "diff": sum(sum(d) / len(d) for d in diffs) / len(diffs),
+            "a_only": only_a, "b_only": only_b, "p": mcnemar(only_a, only_b),
+            "low": percentile(boot, 0.025), "high": percentile(boot, 0.975)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("result", help="a `polar compare --json` (or commonsense_smollm.py paired --json) file")
@@ -67,62 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     worst_exact, worst_interval, rows = 0.0, 0.0, 0
     for comparison in result["comparisons"]:
         runs_a, runs_b = sides[comparison["a"]], sides[comparison["b"]]
-        for metric in sorted({row["metric"] for row in comparison["rows"]}):
-            task_rows = [r for r in comparison["rows"] if r["metric"] == metric and not r["task"].startswith("pooled")]
-            diffs_per_task, sides_per_task = [], []
-            for row in task_rows:
-                ids_a, a = side_values(runs_a, row["task"], metric)
-                ids_b, b = side_values(runs_b, row["task"], metric)
+        by_task: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+        for row in comparison["rows"]:
+            if row["task"].startswith("pooled"):
+                strata = [by_task[(task, row["metric"])] for task in row["tasks"]]
+            else:
+                ids_a, a = side_values(runs_a, row["task"], row["metric"])
+                ids_b, b = side_values(runs_b, row["task"], row["metric"])
                 if ids_a != ids_b:
                     print(f"{row['task']}: the sides scored different questions")
                     return 1
-                n = len(a)
-                d = [y - x for x, y in zip(a, b)]
-                mine = {"n": n, "a": sum(a) / n, "b": sum(b) / n, "diff": sum(d) / n}
-                if row.get("mcnemar"):
-                    only_a = sum(1 for x, y in zip(a, b) if x == 1 and y == 0)
-                    only_b = sum(1 for x, y in zip(a, b) if x == 0 and y == 1)
-                    mine.update(a_only=only_a, b_only=only_b, p=mcnemar(only_a, only_b))
-                    theirs = {**row, **row["mcnemar"]}
-                else:
-                    theirs = row
-                worst_exact = max([worst_exact, *(abs(mine[k] - theirs[k]) for k in mine)])
-                boot = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(args.resamples))
-                worst_interval = max(worst_interval, abs(percentile(boot, 0.025) - row["low"]),
-                                     abs(percentile(boot, 0.975) - row["high"]))
-                diffs_per_task.append(d)
-                sides_per_task.append((a, b))
-                rows += 1
-                print(f"{comparison['b']} − {comparison['a']} {row['task']} {metric}: n {n}, {mine['a']:.4f} vs "
-                      f"{mine['b']:.4f}, diff {mine['diff']:+.4f} (tool {row['diff']:+.4f}), interval "
-                      f"[{percentile(boot, 0.025):+.4f}, {percentile(boot, 0.975):+.4f}] (tool [{row['low']:+.4f}, "
-                      f"{row['high']:+.4f}])" + (f", {mine['a_only']} / {mine['b_only']}, p {mine['p']:.4g} "
-                                                  f"(tool {row['mcnemar']['p']:.4g})" if "p" in mine else ""))
-            pooled = [r for r in comparison["rows"] if r["metric"] == metric and r["task"].startswith("pooled")]
-            if pooled and len(diffs_per_task) > 1:
-                row = pooled[0]
-                k = len(diffs_per_task)
-                mean = sum(sum(d) / len(d) for d in diffs_per_task) / k
-                mine = {"n": sum(len(d) for d in diffs_per_task), "diff": mean,
-                        "a": sum(sum(a) / len(a) for a, _ in sides_per_task) / k,
-                        "b": sum(sum(b) / len(b) for _, b in sides_per_task) / k}
-                theirs = dict(row)
-                if row.get("mcnemar"):
-                    pairs = [(x, y) for a, b in sides_per_task for x, y in zip(a, b)]
-                    only_a = sum(1 for x, y in pairs if x == 1 and y == 0)
-                    only_b = sum(1 for x, y in pairs if x == 0 and y == 1)
-                    mine.update(a_only=only_a, b_only=only_b, p=mcnemar(only_a, only_b))
-                    theirs.update(row["mcnemar"])
-                worst_exact = max([worst_exact, *(abs(mine[key] - theirs[key]) for key in mine)])
-                # stratified: each task's questions resampled on their own, pooled = mean of the task means
-                boot = sorted(sum(sum(d[rng.randrange(len(d))] for _ in d) / len(d) for d in diffs_per_task)
-                              / len(diffs_per_task) for _ in range(args.resamples))
-                worst_interval = max(worst_interval, abs(percentile(boot, 0.025) - row["low"]),
-                                     abs(percentile(boot, 0.975) - row["high"]))
-                rows += 1
-                print(f"{comparison['b']} − {comparison['a']} pooled {metric}: diff {mean:+.4f} (tool "
-                      f"{row['diff']:+.4f}), interval [{percentile(boot, 0.025):+.4f}, {percentile(boot, 0.975):+.4f}]"
-                      f" (tool [{row['low']:+.4f}, {row['high']:+.4f}])")
+                strata = [by_task.setdefault((row["task"], row["metric"]), (a, b))]
+            mine = recompute(strata, rng, args.resamples)
+            theirs = {**row, **(row.get("mcnemar") or {})}
+            exact = ["n", "a", "b", "diff"] + (["a_only", "b_only", "p"] if row.get("mcnemar") else [])
+            worst_exact = max([worst_exact, *(abs(mine[key] - theirs[key]) for key in exact)])
+            worst_interval = max(worst_interval, abs(mine["low"] - row["low"]), abs(mine["high"] - row["high"]))
+            rows += 1
+            print(f"{comparison['b']} − {comparison['a']} {row['task']} {row['metric']}: n {mine['n']}, "
+                  f"{mine['a']:.4f} vs {mine['b']:.4f}, diff {mine['diff']:+.4f} (tool {row['diff']:+.4f}), interval "
+                  f"[{mine['low']:+.4f}, {mine['high']:+.4f}] (tool [{row['low']:+.4f}, {row['high']:+.4f}])"
+                  + (f", {mine['a_only']} / {mine['b_only']}, p {mine['p']:.4g} (tool {row['mcnemar']['p']:.4g})"
+                     if row.get("mcnemar") else ""))
     print(f"{rows} rows recomputed: largest difference in n / accuracies / difference / McNemar {worst_exact:.2g}, "
           f"largest interval-end gap {worst_interval:.4f} (resampling noise; {args.resamples} resamples here)")
     return 0 if rows and worst_exact < 1e-9 and worst_interval < args.interval_tol else 1

@@ -459,13 +459,13 @@ def archive_runs(run_dirs: list[Path], dest: Path) -> int:
         load_run(run_dir)  # refuses a results JSON whose per-question files are missing or rewritten
         results = json.loads((run_dir / RESULTS_NAME).read_text())
         names = [RESULTS_NAME, *(entry["file"] for entry in results["samples"]["tasks"].values())]
+        files = {name: (run_dir / name).read_bytes() for name in names}
         target = dest / run_dir.name
-        if all((target / name).is_file() and (target / name).read_bytes() == (run_dir / name).read_bytes()
-               for name in names):
+        if all((target / name).is_file() and (target / name).read_bytes() == data for name, data in files.items()):
             continue
         with atomic_directory(target, overwrite=True) as tmp:
-            for name in names:
-                (tmp / name).write_bytes((run_dir / name).read_bytes())
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
         copied += 1
     return copied
 
