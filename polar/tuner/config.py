@@ -111,8 +111,16 @@ class PolarConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
+        import math
+        import numbers
+
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"PolarConfig: r must be a positive integer, got {self.r!r}.")
+        # NaN passes every `<` / `<=` test below and inf scales ΔW to inf: both would train NaNs silently.
+        for name in ("alpha", "dropout", "landing_lambda"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+                raise ValueError(f"PolarConfig: {name} must be a finite number, got {value!r}.")
         if not self.alpha or self.alpha <= 0:
             raise ValueError(f"PolarConfig: alpha must be a positive number (scaling = alpha / r), got {self.alpha!r}.")
         if not 0.0 <= self.dropout < 1.0:
@@ -145,6 +153,8 @@ class PolarConfig(PeftConfig):
             )
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key, value in pattern.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"PolarConfig: {name}[{key!r}] must be a finite positive number, got {value!r}.")
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                     raise ValueError(f"PolarConfig: {name}[{key!r}] must be a positive number, got {value!r}.")
                 if name == "rank_pattern" and int(value) != value:
