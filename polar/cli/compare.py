@@ -13,6 +13,14 @@ the results JSON) are read. Every pair of sides is compared, the later minus the
 A side's runs may score different tasks (one run per task and seed, as a benchmark grid writes them): the runs of
 a side that scored a task are that task's replicates.
 
+what is read: only the per-question files inside the results JSON's folder (a listing that is an absolute path or
+leads out through '..' or a symbolic link is refused), each checked against the question count and SHA-256 the
+results JSON recorded; a truncated or damaged line, a record without doc_id or metrics, or a value of the wrong
+type is refused with the file, line and key. Each record must carry doc_hash and prompt_hash (the question's and
+the prompt's hashes, which `polar eval` records) so that the pairing is checked; --allow-unverified pairs records
+without them by task and doc id alone, and the output then says, per task, how many questions were paired
+UNVERIFIED.
+
 what is computed, per task and pooled over tasks, for acc and acc_norm (where every question has them; others,
 e.g. exact_match, with --metric):
   n             questions of the task (paired by task and lm-eval doc id; the question and prompt hashes must
@@ -57,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="per-question 0/1 metric to compare (repeatable; default acc and acc_norm where present)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="pair records that carry no doc_hash / prompt_hash by task and doc id alone (refused "
+                   "otherwise); the output then marks the pairing as unverified")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     p.add_argument("--plot", metavar="FILE", help="also write a forest plot of the differences (.png, .svg, .pdf)")
     p.set_defaults(func=run)
@@ -79,10 +90,13 @@ def run(args: argparse.Namespace) -> int:
     metrics = [m for item in args.metric or [] for m in _split(item)]
     result = compare_runs(sides, labels=_split(args.labels) if args.labels else None,
                           tasks=_split(args.tasks) if args.tasks else None, metrics=metrics or None,
-                          resamples=args.resamples, seed=args.seed)
+                          resamples=args.resamples, seed=args.seed, allow_unverified=args.allow_unverified)
     if args.plot:
         result["plot"] = str(plot_forest(result, args.plot))
     print(json.dumps(result, indent=2) if args.json else format_comparison(result))
     if args.plot and not args.json:
         print(f"forest plot written to {result['plot']}", file=sys.stderr)
+    if args.json and not result["pairing"]["verified"]:  # the tables say it; the JSON's reader may not look
+        print("polar compare: warning: the pairing is UNVERIFIED for some questions (see \"pairing\" in the JSON).",
+              file=sys.stderr)
     return 0

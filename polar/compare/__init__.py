@@ -4,7 +4,9 @@ Two runs (or two groups of runs, e.g. the seeds of one setup) scored by ``polar 
 compared question by question: per task and pooled over tasks, each side's accuracy, the paired difference
 (B − A), its 95 % interval from a paired bootstrap over questions stratified by task (seeds averaged per question
 as replicates; :mod:`polar.compare.stats` says exactly how), and for single runs the exact McNemar p. Runs that
-scored different questions or tasks are refused. :func:`compare_runs` returns a JSON-able dict;
+scored different questions or tasks are refused, and so are records without the question and prompt hashes that
+verify the pairing, unless ``allow_unverified`` (the result then says which questions were paired unchecked).
+:func:`compare_runs` returns a JSON-able dict;
 :func:`format_comparison` renders it; :func:`plot_forest` draws it.
 """
 
@@ -16,7 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .runs import Run, check_same_questions, correctness, load_run, metric_names, results_file
+from .runs import (Run, check_same_questions, correctness, lacking_metric, load_run, metric_names, results_file,
+                   unverified_questions)
 from .stats import CONFIDENCE, mcnemar_exact, percentile_interval, resample_means, task_generator
 
 DEFAULT_METRICS = ("acc", "acc_norm")
@@ -27,7 +30,7 @@ METHOD = ("paired bootstrap over questions, stratified by task (each task's ques
           "binomial on the discordant questions) when each side is one run")
 
 
-def _load_sides(sides: Sequence[Sequence[str | Path]]) -> list[list[Run]]:
+def _load_sides(sides: Sequence[Sequence[str | Path]], allow_unverified: bool) -> list[list[Run]]:
     cache: dict[Path, Run] = {}
     loaded = []
     for number, side in enumerate(sides, 1):
@@ -37,7 +40,7 @@ def _load_sides(sides: Sequence[Sequence[str | Path]]) -> list[list[Run]]:
         for run in side:
             path = results_file(run).resolve()  # a run folder and its eval_results.json are one run
             if path not in cache:
-                cache[path] = load_run(run)
+                cache[path] = load_run(run, allow_unverified=allow_unverified)
             if any(r is cache[path] for r in runs):
                 raise ValueError(f"side {number} lists {cache[path].name} twice; each run counts once.")
             runs.append(cache[path])
@@ -64,8 +67,9 @@ def _task_metrics(task: str, runs: list[Run], metrics: Sequence[str] | None) -> 
     if metrics:
         missing = [m for m in metrics if m not in available]
         if missing:
+            example = lacking_metric(task, missing[0], runs)
             raise ValueError(f"task {task}: not every question of every run has metric {', '.join(missing)} "
-                             f"(available: {', '.join(available) or 'none'}).")
+                             f"(available: {', '.join(available) or 'none'}; e.g. {example} has no value of it).")
         return list(metrics)
     chosen = [m for m in DEFAULT_METRICS if m in available]
     if not chosen:
@@ -76,10 +80,13 @@ def _task_metrics(task: str, runs: list[Run], metrics: Sequence[str] | None) -> 
 
 def compare_runs(sides: Sequence[Sequence[str | Path]], labels: Sequence[str] | None = None,
                  tasks: Sequence[str] | None = None, metrics: Sequence[str] | None = None,
-                 resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+                 resamples: int = DEFAULT_RESAMPLES, seed: int = 0, allow_unverified: bool = False) -> dict[str, Any]:
     """Compare every pair of ``sides`` (each a list of runs: results JSONs or run folders; side j − side i for
-    i < j) on the tasks they all scored; returns ``{"sides", "method", "comparisons": [{"a", "b", "rows"}]}``
-    with one row per task and metric plus a ``pooled`` row per metric over two or more tasks."""
+    i < j) on the tasks they all scored; returns ``{"sides", "method", "pairing", "comparisons": [{"a", "b",
+    "rows"}]}`` with one row per task and metric plus a ``pooled`` row per metric over two or more tasks.
+
+    Records without a ``doc_hash`` / ``prompt_hash`` are refused unless ``allow_unverified``; then ``pairing``
+    says ``verified: false`` and lists, per task, the questions paired by task and doc id alone."""
     if len(sides) < 2:
         raise ValueError(f"polar compare needs at least two sides to compare; got {len(sides)}.")
     labels = list(labels) if labels else [chr(ord("A") + i) for i in range(len(sides))]
@@ -87,14 +94,19 @@ def compare_runs(sides: Sequence[Sequence[str | Path]], labels: Sequence[str] | 
         raise ValueError(f"give one distinct label per side: {len(sides)} sides, labels {labels}.")
     if int(resamples) < 100:
         raise ValueError(f"--resamples {resamples}: too few for a 95% interval; use at least 1000.")
-    loaded = _load_sides(sides)
+    loaded = _load_sides(sides, bool(allow_unverified))
     chosen = _choose_tasks(loaded, labels, tasks)
     # per task: question ids, metrics, and per side the (runs × questions) correctness of each metric
     table: dict[str, dict[str, Any]] = {}
+    unverified = []
     for task in chosen:
         runs_with = [[run for run in runs if task in run.tasks] for runs in loaded]
         everyone = [run for runs in runs_with for run in runs]
-        doc_ids = check_same_questions(task, list(dict.fromkeys(everyone)))
+        distinct = list(dict.fromkeys(everyone))
+        doc_ids = check_same_questions(task, distinct)
+        unchecked = unverified_questions(task, distinct)
+        if unchecked:
+            unverified.append(unchecked)
         task_metrics = _task_metrics(task, everyone, metrics)
         table[task] = {"doc_ids": doc_ids, "metrics": task_metrics, "runs": runs_with, "values": {
             m: [np.array([correctness(task, m, run, doc_ids) for run in runs]) for runs in runs_with]
@@ -107,6 +119,7 @@ def compare_runs(sides: Sequence[Sequence[str | Path]], labels: Sequence[str] | 
         "sides": [{"label": label, "runs": [run.name for run in runs]} for label, runs in zip(labels, loaded)],
         "method": {"description": METHOD, "confidence": CONFIDENCE, "resamples": int(resamples), "seed": int(seed),
                    "pooled": "unweighted mean over tasks"},
+        "pairing": {"verified": not unverified, "unverified": unverified},
         "comparisons": comparisons,
     }
 
@@ -162,6 +175,10 @@ def format_comparison(result: dict[str, Any]) -> str:
         runs = side["runs"]
         lines.append(f"{side['label']}: {', '.join(runs)} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     method = result["method"]
+    for gap in result.get("pairing", {}).get("unverified", []):
+        lines.append(f"UNVERIFIED pairing (--allow-unverified): task {gap['task']}: {gap['questions']} of "
+                     f"{gap['of']} questions paired by task and doc id alone, not checked to be the same question "
+                     f"and prompt (no doc_hash / prompt_hash in {', '.join(gap['runs'])}).")
     lines.append(f"95% interval: paired bootstrap over questions, stratified by task, {method['resamples']} "
                  f"resamples, seed {method['seed']}; pooled = unweighted mean over tasks (see --help).")
     for comparison in result["comparisons"]:
