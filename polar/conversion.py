@@ -15,17 +15,21 @@ from typing import Any, Union
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
-from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 from torch import nn
 
-from polar.formats import PEFT_PREFIX, parse_key, read_adapter_config, read_adapter_weights, read_state_dict
-from polar.formats import reference_parameterization
-from polar.io import atomic_directory, atomic_write_json
+from polar.formats import ADAPTER_CONFIG, PEFT_PREFIX, AdapterFormatError, adapter_weights_file, parse_key
+from polar.formats import read_adapter_config, read_adapter_weights, read_state_dict, reference_parameterization
+from polar.formats.keys import pattern_value
+from polar.formats.validate import check_finite_state, check_polar_factors
+from polar.io import atomic_directory, atomic_write_json, refuse_overlap
 from polar.tuner import PolarConfig
 from polar.tuner.config import PolarPeftType
 
 POLAR_SUFFIXES = ("polar_X", "polar_Y", "polar_theta")
+# What each command writes into its output folder: all that --overwrite may replace (anything else there is refused).
+EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CONVERT_FILES = ("adapter_config.json", "adapter_model.safetensors", "conversion.json")
 _PEFT_ONLY_FIELDS = ("peft_type", "auto_mapping", "peft_version")
 
 
@@ -51,6 +55,13 @@ def _polar_state(source: Union[str, os.PathLike, nn.Module], adapter_name: str) 
     return config_dict, {k: v.detach().cpu() for k, v in state.items()}
 
 
+def _where(source: Union[str, os.PathLike, nn.Module]) -> str:
+    """How messages name a source: its weights file, or the model."""
+    if isinstance(source, nn.Module):
+        return f"<{type(source).__name__}>"
+    return str(adapter_weights_file(source))
+
+
 def _split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
     module, _, leaf = key.rpartition(".")
     return (module, leaf) if leaf in suffixes else None
@@ -73,7 +84,10 @@ def export_lora(
     Returns:
         ``out_dir`` as a Path. Load it with ``PeftModel.from_pretrained(base, out_dir)``; ``polar`` is not needed.
     """
+    sources = [] if isinstance(model_or_adapter_dir, nn.Module) else [model_or_adapter_dir]
+    refuse_overlap(out_dir, sources, "polar export")
     config, state = _polar_state(model_or_adapter_dir, adapter_name)
+    where = _where(model_or_adapter_dir)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     passthrough: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -85,7 +99,9 @@ def export_lora(
     if not modules:
         raise ValueError(f"{model_or_adapter_dir} holds no PoLAR tensors ({', '.join(POLAR_SUFFIXES)}).")
 
+    check_finite_state(passthrough, where)
     alpha_pattern = config.get("alpha_pattern") or {}
+    rank_pattern = config.get("rank_pattern") or {}
     lora_state = dict(passthrough)
     lora_rank_pattern: dict[str, int] = {}
     for module, tensors in sorted(modules.items()):
@@ -93,15 +109,21 @@ def export_lora(
         if missing:
             raise ValueError(f"PoLAR module {module} lacks {', '.join(missing)}; the adapter is incomplete.")
         x, y, theta = tensors["polar_X"], tensors["polar_Y"], tensors["polar_theta"]
-        r = x.shape[1]
         name = module.removeprefix("base_model.model.")
-        alpha_key = get_pattern_key(alpha_pattern.keys(), name)
-        alpha = float(alpha_pattern.get(alpha_key, config["alpha"]))
+        # Everything is checked before anything is written: a LoRA export of a broken adapter loads in PEFT and
+        # serves wrong outputs (or NaNs), far from the cause.
+        r = check_polar_factors(name, x, y, theta, where, pattern_value(rank_pattern, name, config["r"]))
+        alpha = float(pattern_value(alpha_pattern, name, config["alpha"]))
         theta = torch.diag(theta) if theta.ndim == 1 else theta
         dtype = x.dtype
         b = (x.double() @ theta.double()) * (alpha / r)
         lora_state[f"{module}.lora_A.weight"] = y.double().T.to(dtype).contiguous()
         lora_state[f"{module}.lora_B.weight"] = b.to(dtype).contiguous()
+        if not bool(torch.isfinite(lora_state[f"{module}.lora_B.weight"]).all()):
+            raise ValueError(
+                f"{where}: module {name!r}: (alpha/r)·XΘ overflows {dtype} (max |entry| {float(b.abs().max()):.3g}); "
+                "the adapter cannot be exported in its dtype. Load it, cast it to float32 and export the model"
+            )
         if r != config["r"]:
             lora_rank_pattern[f"^{re.escape(name)}$"] = r
 
@@ -124,7 +146,7 @@ def export_lora(
         revision=config.get("revision"),
         inference_mode=True,
     )
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, writes=EXPORT_FILES, command="polar export") as tmp:
         lora_config.save_pretrained(tmp)
         save_file(lora_state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     return Path(out_dir)
@@ -163,6 +185,7 @@ def convert_reference(
         ``out_dir`` as a Path, loadable with ``PeftModel.from_pretrained(base, out_dir)`` after ``import polar``.
     """
     src_dir = Path(src_dir)
+    refuse_overlap(out_dir, [src_dir], "polar convert")
     ref_config = read_adapter_config(src_dir)
     weights = read_adapter_weights(src_dir)
     parsed = {k: parse_key(k) for k in weights}
@@ -173,31 +196,22 @@ def convert_reference(
             "a PoLAR reference adapter (a plain LoRA adapter has no lora_S; load it with PEFT's LoraConfig instead)."
         )
     source = read_state_dict(weights, where=str(src_dir), config=ref_config, reference_theta=parameterize_s,
-                             adapter_name=ref_config.get("adapter_name") if _keys_name_adapters(parsed) else None)
+                             adapter_name=ref_config.get("adapter_name") if _keys_name_adapters(parsed) else None,
+                             tensors_where=str(adapter_weights_file(src_dir)))
     if source.adapter_type != "polar-reference":
         raise ValueError(f"{src_dir} holds a {source.adapter_type} adapter, not a PoLAR reference adapter.")
     mode, _ = reference_parameterization(ref_config, parameterize_s, str(src_dir))
     passthrough = {k: v for k, v in weights.items() if parsed[k] is None}
+    check_finite_state(passthrough, str(adapter_weights_file(src_dir)))
 
     default_r = int(ref_config.get("r", 8))
-    default_alpha = float(ref_config.get("lora_alpha", default_r))
-    polar_config = PolarConfig(
-        r=default_r,
-        alpha=default_alpha,
-        dropout=float(ref_config.get("lora_dropout", 0.0)),
-        target_modules=ref_config.get("target_modules"),
-        exclude_modules=ref_config.get("exclude_modules"),
-        layers_to_transform=ref_config.get("layers_to_transform"),
-        layers_pattern=ref_config.get("layers_pattern"),
-        modules_to_save=ref_config.get("modules_to_save"),
-        theta="diagonal" if mode == "diagonal" else "full",
-        fan_in_fan_out=bool(ref_config.get("fan_in_fan_out", False)),
-        task_type=ref_config.get("task_type"),
-        base_model_name_or_path=ref_config.get("base_model_name_or_path"),
-        revision=ref_config.get("revision"),
-        # A λ is only read by the landing field: recording one means training on with the paper's method.
-        **({} if landing_lambda is None else {"landing_lambda": landing_lambda, "optimizer_mode": "landing"}),
-    )
+    lora_alpha = ref_config.get("lora_alpha")
+    default_alpha = float(default_r if lora_alpha is None else lora_alpha)  # as the readers scale it
+    try:
+        polar_config = _reference_polar_config(ref_config, default_r, default_alpha, mode, landing_lambda)
+    except (TypeError, ValueError) as err:
+        given = "" if landing_lambda is None else f" with landing_lambda={landing_lambda!r}"
+        raise AdapterFormatError(f"{src_dir / ADAPTER_CONFIG}{given}: cannot make a PoLAR config: {err}") from None
 
     state = dict(passthrough)
     for md in source.modules:
@@ -215,7 +229,7 @@ def convert_reference(
         state[f"{key}.polar_Y"] = a_t.contiguous()
         state[f"{key}.polar_theta"] = (core * ratio).to(b.dtype).contiguous()
 
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, writes=CONVERT_FILES, command="polar convert") as tmp:
         polar_config.save_pretrained(tmp)
         save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / "conversion.json", {
@@ -227,3 +241,25 @@ def convert_reference(
 
 def _keys_name_adapters(parsed: dict) -> bool:
     return any(p is not None and p.adapter is not None for p in parsed.values())
+
+
+def _reference_polar_config(ref_config: dict, r: int, alpha: float, mode: str,
+                            landing_lambda: float | None) -> PolarConfig:
+    """The PolarConfig of a converted reference adapter: its LoRA-style settings under PoLAR's names."""
+    return PolarConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(ref_config.get("lora_dropout") or 0.0),
+        target_modules=ref_config.get("target_modules"),
+        exclude_modules=ref_config.get("exclude_modules"),
+        layers_to_transform=ref_config.get("layers_to_transform"),
+        layers_pattern=ref_config.get("layers_pattern"),
+        modules_to_save=ref_config.get("modules_to_save"),
+        theta="diagonal" if mode == "diagonal" else "full",
+        fan_in_fan_out=bool(ref_config.get("fan_in_fan_out", False)),
+        task_type=ref_config.get("task_type"),
+        base_model_name_or_path=ref_config.get("base_model_name_or_path"),
+        revision=ref_config.get("revision"),
+        # A λ is only read by the landing field: recording one means training on with the paper's method.
+        **({} if landing_lambda is None else {"landing_lambda": landing_lambda, "optimizer_mode": "landing"}),
+    )

@@ -6,10 +6,11 @@ Nothing here interprets tensors; :mod:`polar.formats.parse` does. Every loader m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -49,10 +50,16 @@ def read_adapter_config(adapter_dir: Union[str, os.PathLike]) -> dict[str, Any]:
             f"{adapter_dir} holds no {ADAPTER_CONFIG} (found: {list_dir(adapter_dir)}); "
             "pass the folder written by save_pretrained (or a `polar train` output folder)."
         )
+    from .validate import check_config
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFormatError(
+            f"{path} is not valid JSON ({err}); the file is damaged: re-save the adapter (save_pretrained) or restore "
+            "the file"
+        ) from None
+    return check_config(config, str(path))
 
 
 def adapter_weights_file(adapter_dir: Union[str, os.PathLike]) -> Path:
@@ -85,6 +92,23 @@ def unwrap_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
     raise AdapterFormatError(f"{where}: holds a {type(obj).__name__}, not a state dict of tensors; " + EXPECTED)
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` of a ``.safetensors`` file, with its errors (empty, truncated or damaged file) turned into an
+    :class:`AdapterFormatError` naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SafetensorError as err:
+        size = path.stat().st_size if path.exists() else 0
+        raise AdapterFormatError(
+            f"{path}: not a readable safetensors file ({size} bytes: {err}); it is empty, truncated (an interrupted "
+            "save or copy) or damaged. Copy or save it again"
+        ) from None
+
+
 def load_state_dict_file(
     path: Union[str, os.PathLike], keep: Optional[Callable[[str], bool]] = None
 ) -> dict[str, torch.Tensor]:
@@ -94,9 +118,7 @@ def load_state_dict_file(
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
+        with open_safetensors(path) as handle:
             return {k: handle.get_tensor(k) for k in handle.keys() if keep is None or keep(k)}
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -112,9 +134,7 @@ def load_state_dict_file(
 def file_keys(path: Path) -> list[str]:
     """All tensor names in a state-dict file (for error messages); [] when it cannot be read."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
+        with open_safetensors(path) as handle:
             return list(handle.keys())
     try:
         return list(load_state_dict_file(path))
@@ -153,8 +173,6 @@ class BaseWeights:
             self._index_path(path)
 
     def _index_path(self, path: Path) -> None:
-        from safetensors import safe_open
-
         if path.is_file():
             files = [path]
         else:
@@ -174,7 +192,7 @@ class BaseWeights:
         tensors: dict[str, torch.Tensor] = {}
         for f in files:
             if f.suffix == ".safetensors":
-                with safe_open(str(f), framework="pt") as handle:
+                with open_safetensors(f) as handle:
                     for k in handle.keys():
                         self._files[k] = f
             else:
@@ -208,7 +226,5 @@ class BaseWeights:
             want = candidates[0]
         if self._tensors is not None and want in self._tensors:
             return self._tensors[want]
-        from safetensors import safe_open
-
-        with safe_open(str(self._files[want]), framework="pt") as handle:
+        with open_safetensors(self._files[want]) as handle:
             return handle.get_tensor(want)

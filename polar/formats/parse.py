@@ -10,6 +10,7 @@ import torch
 from .deltas import PARAMETERIZE_S, REFERENCE_THETA, AdapterSource, ModuleDelta
 from .files import EXPECTED, AdapterFormatError, BaseWeights, describe_keys
 from .keys import PEFT_PREFIX, compile_regex, group_tensors, lora_scale, natural_key, parse_key, pattern_value
+from .validate import RESAVE, check_polar_factors, check_tensor
 
 
 def detect_type(groups: Mapping[str, Mapping[str, torch.Tensor]], where: str) -> str:
@@ -98,8 +99,13 @@ def modules_from_groups(
     parameterize_s: str = "identity",
     base: Optional[BaseWeights] = None,
     base_from_sd: Optional[Mapping[str, torch.Tensor]] = None,
+    tensors_where: Optional[str] = None,
 ) -> tuple[list[ModuleDelta], list[str]]:
-    """One ModuleDelta per adapted module (per enabled group for early-PEFT fused layers), plus notes."""
+    """One ModuleDelta per adapted module (per enabled group for early-PEFT fused layers), plus notes.
+
+    ``tensors_where`` names the weights file in messages about the tensors (default ``where``).
+    """
+    tw = tensors_where or where
     notes: list[str] = []
     out: list[ModuleDelta] = []
     missing_base: list[str] = []
@@ -110,10 +116,11 @@ def modules_from_groups(
             missing = [p for p in ("X", "Y", "theta") if p not in parts]
             if missing:
                 raise AdapterFormatError(
-                    f"{where}: module {module!r} lacks polar_{'/polar_'.join(missing)} (has {sorted(parts)})"
+                    f"{tw}: module {module!r} lacks polar_{'/polar_'.join(missing)} (has {sorted(parts)}); {RESAVE}"
                 )
             x, y, theta = parts["X"], parts["Y"], parts["theta"]
-            r = x.shape[1]
+            expected_r = pattern_value(config.get("rank_pattern") or {}, module, config.get("r")) if scale_known else None
+            r = check_polar_factors(module, x, y, theta, tw, expected_r)
             if scale_known:
                 scale = float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("alpha", r))) / r
             else:
@@ -121,8 +128,15 @@ def modules_from_groups(
             out.append(ModuleDelta.polar(module, x, y, theta, scale))
             continue
         if "A" not in parts or "B" not in parts:
-            raise AdapterFormatError(f"{where}: module {module!r} has {sorted(parts)} but needs both lora_A and lora_B")
-        fused = fused_groups(parts["A"], parts["B"], config, module, where) if kind == "lora" else None
+            raise AdapterFormatError(
+                f"{tw}: module {module!r} has {sorted(parts)} but needs both lora_A and lora_B; {RESAVE}"
+            )
+        # 2-D (linear, embedding), 3-D (early PEFT's fused lora_B), 4-D (conv kernels)
+        for part, name in (("A", "lora_A"), ("B", "lora_B"), ("S", "lora_S"), ("magnitude", "lora_magnitude_vector")):
+            if part in parts:
+                check_tensor(parts[part], tw, module, name, (1, 2, 3, 4) if part == "magnitude" else
+                             (1, 2) if part == "S" else (2, 3, 4))
+        fused = fused_groups(parts["A"], parts["B"], config, module, tw) if kind == "lora" else None
         if fused is not None:
             for pos, a_j, b_j in fused:
                 r = a_j.shape[0]
@@ -137,7 +151,8 @@ def modules_from_groups(
         r = a_mat.shape[0]
         if b_mat.shape[1] != r:
             raise AdapterFormatError(
-                f"{where}: module {module!r}: lora_A {tuple(a_mat.shape)} and lora_B {tuple(b_mat.shape)} do not chain"
+                f"{tw}: module {module!r}: lora_A {tuple(a_mat.shape)} (r × in) and lora_B {tuple(b_mat.shape)} "
+                f"(out × r) do not chain: their ranks differ; {RESAVE}"
             )
         scale = lora_scale(config, module, r) if scale_known else (float(alpha) / r if alpha is not None else 1.0)
         core, theta = None, None
@@ -145,7 +160,8 @@ def modules_from_groups(
             stored = parts["S"]
             if tuple(stored.shape) not in ((r, r), (r,)):
                 raise AdapterFormatError(
-                    f"{where}: module {module!r}: lora_S {tuple(stored.shape)} should be r × r = {r} × {r}"
+                    f"{tw}: module {module!r}: lora_S {tuple(stored.shape)} should be r × r = {r} × {r} to match lora_A "
+                    f"{tuple(a_mat.shape)}; {RESAVE}"
                 )
             theta = REFERENCE_THETA[parameterize_s]
             if parameterize_s == "removal":
@@ -208,6 +224,7 @@ def read_state_dict(
     reference_theta: Optional[str] = None,
     base_model: Any = None,
     modules: Optional[str] = None,
+    tensors_where: Optional[str] = None,
 ) -> AdapterSource:
     """Read adapter tensors from an in-memory state dict (PEFT-saved, ``model.state_dict()`` or raw loralib keys).
 
@@ -242,7 +259,7 @@ def read_state_dict(
                     if k.endswith(".weight") and parse_key(k) is None}
     mods, more = modules_from_groups(
         groups, kind, config, where, scale_known=bool(config), alpha=alpha, parameterize_s=parameterize_s,
-        base=base, base_from_sd=base_from_sd or None,
+        base=base, base_from_sd=base_from_sd or None, tensors_where=tensors_where,
     )
     notes += more
     if not config:

@@ -118,7 +118,8 @@ def read_path(
                 + (f"; its sub-folders hold {', '.join(subfolders)}" if subfolders else "")
             )
         src = read_state_dict(sd, where=str(path), config=config, adapter_name=None
-                              if adapter_name == "default" and not named_keys else adapter_name, **common)
+                              if adapter_name == "default" and not named_keys else adapter_name,
+                              tensors_where=str(weights), **common)
         src.path = str(path)
         if ptype == "POLAR" and src.adapter_type != "polar":
             src.notes.append(f"{path}: config says POLAR but tensors look like {src.adapter_type}")
