@@ -9,20 +9,27 @@ Results are written as JSON (atomically) and returned; :func:`format_table` rend
 one JSON Lines file per task keeps the per-question records (``<results stem>_samples_<task>.jsonl``; format in
 docs/evaluation.md), which ``polar compare`` pairs between runs; the results JSON lists them under ``"samples"``
 with their question count and SHA-256.
+
+A results file is added to, never replaced: each evaluation is kept under ``"evaluations"`` (its own results,
+settings and per-question files, which later evaluations never overwrite), and the top-level ``"results"`` /
+``"samples"`` hold the newest evaluation of each task of the same adapter (:func:`merge_evaluations`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Sequence
 
 import polar  # noqa: F401  (registers PoLAR with PEFT before any adapter is loaded)
-from polar.formats import adapter_kind, read_adapter_config
+from polar.formats import ADAPTER_CONFIG, adapter_kind, adapter_weights_file, read_adapter_config
 from polar.loading import is_connection_error, load_model_and_tokenizer, model_source, offline_model_error
 from polar.loading import package_versions
 from polar.third_party_notices import peft_checkpointing_alias_silenced
@@ -62,7 +69,8 @@ def evaluate(
     seed: int = 1234,
 ) -> dict[str, Any]:
     """Evaluate the adapter in ``adapter_dir``; returns the results dict (also written to ``output``, by default
-    ``<adapter_dir>/eval_results.json``).
+    ``<adapter_dir>/eval_results.json``, keeping the evaluations an existing file holds: see
+    :func:`merge_evaluations`).
 
     ``tasks``: lm-eval task names (causal LM; default: the task the adapter was trained on, when it is an lm-eval
     task) or ``glue:<name>`` (classification; default: the training task, with dev TSVs from ``data_dir`` or the
@@ -100,6 +108,9 @@ def evaluate(
                 f"no tasks given and the adapter's training task ({trained_task or 'unknown'}) is not an evaluation "
                 "task: pass --tasks (lm-eval task names, or glue:<name>)."
             )
+    target = Path(output) if output else adapter_dir / RESULTS_NAME
+    read_results(target)  # before the (long) evaluation: an unreadable earlier file is refused, never replaced
+    digest = adapter_sha256(adapter_dir)
     if device is None:
         import torch
 
@@ -121,32 +132,145 @@ def evaluate(
     else:
         results = _evaluate_lm(adapter_dir, base, task_list, num_fewshot, batch_size, limit, include_path, device,
                                dtype, trust_remote_code, seed)
-    from polar.io import atomic_write_json
-
     records = results.pop("records", {})
     if results.pop("main_process", True) is False:
         return {"adapter": str(adapter_dir), "base_model": base, "tasks": task_list, **results, "output": None}
-    target = Path(output) if output else adapter_dir / RESULTS_NAME
-    # The per-question files first: the results JSON that lists them (with their hashes) is written last, so it
-    # never names a file that is not there.
-    samples = write_samples(target, records)
-    out = {
+    evaluation = {
         "adapter": str(adapter_dir),
         "base_model": base,
         "peft_type": str(config.get("peft_type")),
+        "adapter_sha256": digest,
         "tasks": task_list,
         **results,
-        "samples": samples,
+        "samples": None,  # filled in by save_evaluation, which names the files
         "settings": {"num_fewshot": num_fewshot, "batch_size": batch_size, "limit": limit,
                      "include_path": include_path, "device": device, "data_dir": str(data_dir) if data_dir else None},
         "versions": package_versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 2),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(target, _clean(out))
+    out = save_evaluation(target, evaluation, records)
     out["output"] = str(target)
     return out
+
+
+def adapter_sha256(adapter_dir: str | Path) -> str:
+    """SHA-256 of an adapter folder's config and weights files (in that order): which adapter an evaluation
+    scored, so that results of other weights (retrained, or another folder writing the same --output) are told
+    apart."""
+    digest = hashlib.sha256()
+    for path in (Path(adapter_dir) / ADAPTER_CONFIG, adapter_weights_file(adapter_dir)):
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """The results JSON at ``path`` as a dict (``{}`` when there is none), checked to be one `polar eval` can add
+    an evaluation to; anything else is refused rather than replaced."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    advice = "move it away or choose another --output; polar eval adds to a results file, it never replaces one"
+    if not path.is_file():
+        raise ValueError(f"results file {path} exists and is not a file; {advice}.")
+    try:
+        results = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"results file {path} exists and is not JSON ({err}); {advice}.") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"results file {path} holds a JSON {type(results).__name__}, not `polar eval` results; "
+                         f"{advice}.")
+    history = results.get("evaluations")
+    if "evaluations" in results and not (isinstance(history, list) and all(isinstance(e, dict) for e in history)):
+        raise ValueError(f"results file {path}: \"evaluations\" is not a list of evaluations (damaged?); {advice}.")
+    return results
+
+
+def earlier_evaluations(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluations a results file holds, oldest first: its ``"evaluations"``, or the file itself when it was
+    written by a polar that kept one evaluation per file."""
+    if not results:
+        return []
+    if "evaluations" in results:
+        return list(results["evaluations"])
+    return [dict(results)]
+
+
+def _listed_files(evaluation: dict[str, Any]) -> list[str]:
+    samples = evaluation.get("samples")
+    tasks = samples.get("tasks") if isinstance(samples, dict) else None
+    if not isinstance(tasks, dict):
+        return []
+    return [entry["file"] for entry in tasks.values() if isinstance(entry, dict) and isinstance(entry.get("file"), str)]
+
+
+def _same_adapter(one: dict[str, Any], other: dict[str, Any]) -> bool:
+    if one.get("base_model") != other.get("base_model"):
+        return False
+    if one.get("adapter_sha256") and other.get("adapter_sha256"):
+        return one["adapter_sha256"] == other["adapter_sha256"]
+    return one.get("adapter") == other.get("adapter")  # written before the weights' hash was recorded
+
+
+def merge_evaluations(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results document of ``evaluations`` (oldest first; the last is the newest): the newest evaluation's
+    fields, with ``"results"``, ``"samples"`` and ``"tasks"`` holding, per task, the newest result among the
+    evaluations of the same adapter (same weights and base model); ``"task_evaluations"`` says which evaluation
+    (index into ``"evaluations"``) each task's result comes from, and ``"evaluations"`` keeps them all."""
+    newest = evaluations[-1]
+    results: dict[str, Any] = {}
+    samples: dict[str, Any] = {}
+    source: dict[str, int] = {}
+    for index, evaluation in enumerate(evaluations):
+        if not _same_adapter(evaluation, newest):
+            continue
+        scored = evaluation.get("results")
+        for task, metrics in (scored.items() if isinstance(scored, dict) else ()):
+            results[task], source[task] = metrics, index
+        listing = evaluation.get("samples")
+        listed = listing.get("tasks") if isinstance(listing, dict) else None
+        samples.update(listed if isinstance(listed, dict) else {})
+    return {**newest, "tasks": list(results), "results": results,
+            "samples": {"format": SAMPLES_FORMAT, "tasks": samples}, "task_evaluations": source,
+            "evaluations": evaluations}
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while a results file in it is read, added to and written (two
+    evaluations finishing at once would otherwise each keep only their own)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def save_evaluation(target: str | Path, evaluation: dict[str, Any], records: dict[str, list[dict[str, Any]]]
+                    ) -> dict[str, Any]:
+    """Add ``evaluation`` (its per-question ``records`` by task) to the results file ``target``: the per-question
+    files first, under names no earlier file holds, then the results JSON that lists them (written last, so it
+    never names a file that is not there, and a kill before it leaves the earlier file as it was). Returns the
+    document written."""
+    from polar.io import atomic_write_json
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(target.parent):
+        history = earlier_evaluations(read_results(target))
+        taken = {name for earlier in history for name in _listed_files(earlier)}
+        evaluation = {**evaluation, "samples": write_samples(target, records, taken=taken)}
+        document = _clean(merge_evaluations([*history, evaluation]))
+        atomic_write_json(target, document)
+    return document
 
 
 def samples_path(results_path: str | Path, task: str) -> Path:
@@ -156,10 +280,12 @@ def samples_path(results_path: str | Path, task: str) -> Path:
     return results_path.with_name(f"{results_path.stem}_samples_{safe}.jsonl")
 
 
-def write_samples(results_path: str | Path, records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def write_samples(results_path: str | Path, records: dict[str, list[dict[str, Any]]],
+                  taken: Sequence[str] | set[str] = ()) -> dict[str, Any]:
     """Write each task's per-question records atomically beside ``results_path``; returns the ``"samples"`` entry
     of the results JSON: ``{"format": 1, "tasks": {task: {"file", "n", "sha256"}}}`` (file names relative to the
-    results file's folder)."""
+    results file's folder). An existing file, or a name in ``taken`` (listed by an earlier evaluation), is never
+    written over: the records then go to ``<stem>_samples_<task>.<k>.jsonl``, the first free k ≥ 2."""
     from polar.io import atomic_write_bytes
 
     listed: dict[str, Any] = {}
@@ -170,6 +296,9 @@ def write_samples(results_path: str | Path, records: dict[str, list[dict[str, An
             raise ValueError(f"tasks {seen[path]!r} and {task!r} would share the per-question file {path.name}; "
                              "evaluate them into separate --output files.")
         seen[path] = task
+        first, k = path, 2
+        while path.exists() or path.is_symlink() or path.name in taken:
+            path, k = first.with_name(f"{first.stem}.{k}{first.suffix}"), k + 1
         data = "".join(json.dumps(_clean(row), ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
         atomic_write_bytes(path, data)
         listed[task] = {"file": path.name, "n": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
@@ -420,5 +549,5 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join([line(("task", "metric", "value")), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
-__all__ = ["evaluate", "format_table", "task_manager"]
+__all__ = ["evaluate", "format_table", "merge_evaluations", "read_results", "task_manager"]
 

@@ -16,6 +16,12 @@ log-likelihoods, or the classifier's logits), responses (generation tasks), pred
 question's acc, acc_norm, exact_match, ... as lm-eval scores it; GLUE: acc). The results JSON lists them under
 "samples" with their question count and SHA-256; `polar compare` pairs them between runs (docs/evaluation.md).
 
+earlier results are kept: an existing results JSON is added to, never replaced. Every evaluation stays listed
+under "evaluations" (its results, settings and per-question files with their count and SHA-256); a per-question
+file already there is never written over (a later evaluation of the same task writes <stem>_samples_<task>.2.jsonl,
+.3, ...). The top-level "results" and "samples", which `polar compare` reads, hold the newest evaluation of each
+task of the same adapter (same weights and base model); evaluations of other weights stay in "evaluations" only.
+
 examples:
   polar eval runs/boolq --tasks boolq
   polar eval runs/boolq --tasks boolq,piqa --batch-size 16 --output results/boolq.json
@@ -44,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="base model (hub id, local folder or short name such as smollm2-135m) "
                    "instead of the adapter config's")
     p.add_argument("--data-dir", help="GLUE: folder with the original dev TSV(s) (default: the run's --data-dir)")
-    p.add_argument("--output", help="results JSON path (default ADAPTER_DIR/eval_results.json)")
+    p.add_argument("--output", help="results JSON path (default ADAPTER_DIR/eval_results.json); an existing one is "
+                   "added to, its earlier evaluations kept")
     p.add_argument("--device", help="device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", help="dtype of the base model for lm-eval (default auto)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
@@ -71,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     if results.get("output"):  # main process only
-        print(format_table(results))
+        evaluations = results["evaluations"]
+        print(format_table(evaluations[-1]))  # this evaluation's scores
         print(f"results written to {results['output']}")
+        if len(evaluations) > 1:
+            print(f"kept {len(evaluations) - 1} earlier evaluation(s) there; its results now hold "
+                  f"{', '.join(results['tasks'])} (the newest score of each task of this adapter)")
     return 0
