@@ -77,12 +77,18 @@ def export_lora(
 
     Args:
         model_or_adapter_dir: a PoLAR adapter folder (``save_pretrained`` output) or a model holding the adapter.
-        out_dir: the folder to write; it appears complete or not at all.
+        out_dir: the folder to write; it appears complete or not at all. It may not be, hold or lie inside the
+            source folder, nor be or lie inside a training run folder (``ValueError`` naming both).
         adapter_name: which adapter of a live model to export.
-        overwrite: replace ``out_dir`` if it exists.
+        overwrite: replace ``out_dir`` if it holds an earlier export (only :data:`EXPORT_FILES`); a folder holding
+            anything else is refused (``FileExistsError``), its files are never deleted.
 
     Returns:
         ``out_dir`` as a Path. Load it with ``PeftModel.from_pretrained(base, out_dir)``; ``polar`` is not needed.
+
+    Raises:
+        AdapterFormatError: (a ``ValueError``) the adapter is malformed: unreadable files, wrong JSON types, factors
+            of the wrong shape, rank or dtype, non-finite values. Checked before anything is written.
     """
     sources = [] if isinstance(model_or_adapter_dir, nn.Module) else [model_or_adapter_dir]
     refuse_overlap(out_dir, sources, "polar export")
@@ -178,6 +184,7 @@ def convert_reference(
     (``polar.reorthonormalize`` fixes that without changing ΔW).
 
     Args:
+        out_dir, overwrite: as for :func:`export_lora` (an earlier conversion holds :data:`CONVERT_FILES`).
         parameterize_s: only for checkpoints whose config does not record ``parameterize_S`` (default then
             ``identity``); a value contradicting the recorded one is refused.
 

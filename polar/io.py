@@ -187,7 +187,8 @@ def atomic_directory(
         if not overwrite:
             raise FileExistsError(f"{out_dir} already exists; choose another folder or {OVERWRITE_HINT}.")
         if not out_dir.is_dir() or out_dir.is_symlink():
-            raise FileExistsError(f"{out_dir} exists and is not a folder; it is not replaced. Choose another path.")
+            raise FileExistsError(f"{out_dir} exists and is not a plain folder (a file or a symbolic link); it is "
+                                  "not replaced. Choose another path.")
         if writes is not None:
             refuse_foreign_content(out_dir, writes, command)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "PeftModel.from_pretrained loads after `import polar`. ΔW = s·B S A is preserved exactly, with S as the "
             "checkpoint's parameterize_S defines it: identity → full Θ = S, diagonal → diagonal Θ = diag(S), "
             "removal → Θ = I (the reference never trains S then; the converted adapter trains Θ unless you freeze "
-            "polar_theta)."
+            "polar_theta). OUT_DIR appears complete or not at all."
         ),
     )
     parser.add_argument("src_dir", help="reference adapter folder (adapter_config.json + weights)")
@@ -26,7 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--reference-theta", choices=("identity", "diagonal", "removal"), default=None,
         help="parameterize_S for checkpoints whose adapter_config.json does not record it (default identity)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace OUT_DIR if it holds an earlier output of this command (adapter_config.json, adapter_model.safetensors, conversion.json); a folder holding "
+        "anything else is refused, and so is one that is, holds or lies inside the source or a training run",
+    )
     parser.set_defaults(func=_run)
 
 

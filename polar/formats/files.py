@@ -27,7 +27,10 @@ EXPECTED = (
 
 
 class AdapterFormatError(ValueError):
-    """A path or object holds no adapter this package can read, or it is ambiguous which one to read."""
+    """A path or object holds no adapter this package can read, its files are malformed (unreadable or truncated
+    weights, wrong JSON types, factors of the wrong shape, rank or dtype, non-finite values), or it is ambiguous
+    which adapter to read. The message names the file, the field or module and what to do; the CLI prints it as
+    one line."""
 
 
 def list_dir(path: Path, limit: int = 12) -> str:
