@@ -144,6 +144,11 @@ class PolarLayer(BaseTunerLayer):
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
 
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        """W' − W for PEFT ≥ 0.22's ``get_additive_delta`` (``convert_to_lora``, ``save_as_lora``): PoLAR is additive,
+        so this is ΔW, in the adapter's dtype (X's) as PEFT's contract asks, whatever the base weight's dtype."""
+        return self.get_delta_weight(adapter_name)
+
 
 class PolarLinear(nn.Module, PolarLayer):
     """PoLAR around ``nn.Linear``, transformers' ``Conv1D`` (``fan_in_fan_out``) or a quantised linear layer."""
@@ -186,22 +191,25 @@ class PolarLinear(nn.Module, PolarLayer):
                 f"Cannot merge PoLAR into a {self.quantization_backend.backend_name} layer: it cannot be "
                 "dequantised. Keep the adapter unmerged, or load the base model unquantised to merge."
             )
-        for name in adapter_names:
-            if name not in self.polar_X:
-                continue
-            weight = self.get_base_weight()
+        names = [name for name in adapter_names if name in self.polar_X]
+        if not names:
+            return
+        weight = self.get_base_weight()
+        # The adapters are added one after the other (each sum rounds in the base weight's dtype, as an unmerge
+        # subtracts them again), on a copy when safe_merge: the base layer is written once, after every check, so a
+        # broken adapter leaves it exactly as it was.
+        merged = weight.clone() if safe_merge else weight
+        for name in names:
             delta = self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
-            if safe_merge:
-                merged = weight.clone() + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(
-                        f"NaN or inf in the merged weights of PoLAR adapter {name!r}; the adapter seems broken, "
-                        "nothing was merged."
-                    )
-                self.set_base_weight(merged)
-            else:
-                self.set_base_weight(weight + delta)
-            self.merged_adapters.append(name)
+            merged = merged + delta
+            if safe_merge and not torch.isfinite(merged).all():
+                # "NaNs detected" is PEFT's wording (its matrix checks it); then what happened and what to do.
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The PoLAR adapter {name!r} seems to be broken (NaN or inf "
+                    "in X, Y or Θ, or a ΔW beyond the base weight's dtype); nothing was merged into this layer."
+                )
+        self.set_base_weight(merged)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW from the base weight again."""

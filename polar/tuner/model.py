@@ -139,9 +139,10 @@ class PolarModel(BaseTuner):
     ) -> PolarLinear:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not _is_supported(base):
+            # "Target module ... not supported" is PEFT's wording for every method (its matrix checks it).
             raise TypeError(
-                f"PoLAR cannot adapt module '{module_name}' of type {type(base).__name__}: supported are "
-                "torch.nn.Linear, transformers' Conv1D and quantised linear layers (bitsandbytes, torchao, ...). "
+                f"Target module '{module_name}' of type {type(base).__name__} is not supported by PoLAR: supported "
+                "are torch.nn.Linear, transformers' Conv1D and quantised linear layers (bitsandbytes, torchao, ...). "
                 "Remove it from target_modules or add it to exclude_modules."
             )
         # The layer type decides the weight layout; the config records it so export_lora can tell LoRA.
