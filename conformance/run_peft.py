@@ -28,6 +28,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import yaml
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -110,12 +111,21 @@ def build_run_dir(tests: Path, version: str) -> Path:
     return run_dir
 
 
-def load_skips(path: Path) -> list[dict[str, str]]:
+def load_skips(path: Path, version: str) -> list[dict[str, str]]:
+    """The entries of the skip list that apply to PEFT ``version``: an entry's optional ``peft`` is a version
+    specifier (``">=0.22"``) naming the releases whose matrix has that test; without it the entry applies to all."""
     entries = yaml.safe_load(path.read_text()) or []
+    applicable = []
     for entry in entries:
         if not isinstance(entry, dict) or not entry.get("test") or not entry.get("reason"):
             raise SystemExit(f"peft-conformance: every entry of {path} needs 'test' (a pattern) and 'reason': {entry!r}")
-    return entries
+        try:
+            releases = SpecifierSet(entry.get("peft", ""))
+        except InvalidSpecifier as err:
+            raise SystemExit(f"peft-conformance: {path}: 'peft' of {entry['test']!r} is not a version specifier: {err}")
+        if releases.contains(version, prereleases=True):
+            applicable.append(entry)
+    return applicable
 
 
 def read_outcomes(junit: Path) -> dict[str, tuple[str, str]]:
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row[0] for name in MATRIX_LISTS for row in getattr(polar_peft_cases, name)]
     narrowed = "-k" in pytest_args or "-x" in pytest_args or "--exitfirst" in pytest_args
     outcomes = read_outcomes(junit)
-    problems = check(outcomes, load_skips(args.skips), [] if narrowed else rows)
+    problems = check(outcomes, load_skips(args.skips, version), [] if narrowed else rows)
     if narrowed:  # a narrowed run cannot judge the skip list or the rows it did not select
         problems = [p for p in problems if p.startswith(("failed", "error"))]
     counts = {kind: sum(o == kind for o, _ in outcomes.values()) for kind in ("passed", "failed", "error", "skipped")}

@@ -70,5 +70,20 @@ def test_judging_a_run():
 
 
 def test_the_committed_skip_list_reads_and_gives_every_entry_a_reason():
-    entries = run_peft.load_skips(run_peft.HERE / "peft_skips.yaml")
-    assert entries and all(len(entry["reason"]) > 40 for entry in entries)
+    for version in ("0.21.2", "0.22.0"):
+        entries = run_peft.load_skips(run_peft.HERE / "peft_skips.yaml", version)
+        assert entries and all(len(entry["reason"]) > 40 for entry in entries)
+
+
+def test_a_skip_entry_applies_to_the_releases_it_names(tmp_path):
+    path = tmp_path / "skips.yaml"
+    path.write_text(
+        '- test: "T::old[*]"\n  reason: r\n  peft: "<0.22"\n'
+        '- test: "T::new[*]"\n  reason: r\n  peft: ">=0.22"\n'
+        '- test: "T::all[*]"\n  reason: r\n'
+    )
+    assert [e["test"] for e in run_peft.load_skips(path, "0.21.2")] == ["T::old[*]", "T::all[*]"]
+    assert [e["test"] for e in run_peft.load_skips(path, "0.22.0")] == ["T::new[*]", "T::all[*]"]
+    path.write_text('- test: "T::x"\n  reason: r\n  peft: "newer than 0.22"\n')
+    with pytest.raises(SystemExit, match="'peft' of 'T::x' is not a version specifier"):
+        run_peft.load_skips(path, "0.22.0")
