@@ -206,12 +206,14 @@ def _listed_files(evaluation: dict[str, Any]) -> list[str]:
     return [entry["file"] for entry in tasks.values() if isinstance(entry, dict) and isinstance(entry.get("file"), str)]
 
 
-def _same_adapter(one: dict[str, Any], other: dict[str, Any]) -> bool:
+def same_adapter(one: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two evaluations scored the same adapter: the same weights (``adapter_sha256``) and base model; for
+    an evaluation written before the weights' hash was recorded, the same adapter path and base model."""
     if one.get("base_model") != other.get("base_model"):
         return False
     if one.get("adapter_sha256") and other.get("adapter_sha256"):
         return one["adapter_sha256"] == other["adapter_sha256"]
-    return one.get("adapter") == other.get("adapter")  # written before the weights' hash was recorded
+    return one.get("adapter") == other.get("adapter")
 
 
 def merge_evaluations(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
@@ -224,7 +226,7 @@ def merge_evaluations(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
     samples: dict[str, Any] = {}
     source: dict[str, int] = {}
     for index, evaluation in enumerate(evaluations):
-        if not _same_adapter(evaluation, newest):
+        if not same_adapter(evaluation, newest):
             continue
         scored = evaluation.get("results")
         for task, metrics in (scored.items() if isinstance(scored, dict) else ()):

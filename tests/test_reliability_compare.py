@@ -284,7 +284,8 @@ class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing on the way catches it."""
 
 
-def test_eval_killed_before_its_results_json_leaves_the_earlier_evaluation_intact(evaluated, tmp_path, monkeypatch):
+def test_eval_killed_before_its_results_json_leaves_the_earlier_evaluation_intact(evaluated, tmp_path, monkeypatch,
+                                                                                  capsys):
     import polar.io
 
     adapter, _, tasks = evaluated
@@ -305,6 +306,16 @@ def test_eval_killed_before_its_results_json_leaves_the_earlier_evaluation_intac
     entry = json.loads(before)["samples"]["tasks"]["mc_one"]
     assert hashlib.sha256((tmp_path / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
     assert len(load_run(target).tasks["mc_one"]) == 7
+    # evaluating again afterwards adds to it; the killed attempt's unlisted file is not written over either
+    monkeypatch.undo()
+    orphan = (tmp_path / "results_samples_mc_one.2.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--limit", "3"]) == 0
+    assert "kept 1 earlier evaluation(s) there" in capsys.readouterr().out
+    after = json.loads(target.read_text())
+    assert after["evaluations"][0] == json.loads(before)["evaluations"][0] and len(after["evaluations"]) == 2
+    assert after["samples"]["tasks"]["mc_one"]["file"] == "results_samples_mc_one.3.jsonl"
+    assert (tmp_path / "results_samples_mc_one.2.jsonl").read_bytes() == orphan
 
 
 def test_save_evaluation_keeps_an_old_layout_file_and_other_adapters_apart(tmp_path):

@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from polar.evaluation import evaluate, format_table
+    from polar.evaluation import evaluate, format_table, same_adapter
 
     batch_size = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     results = evaluate(
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(evaluations[-1]))  # this evaluation's scores
         print(f"results written to {results['output']}")
         if len(evaluations) > 1:
-            print(f"kept {len(evaluations) - 1} earlier evaluation(s) there; its results now hold "
-                  f"{', '.join(results['tasks'])} (the newest score of each task of this adapter)")
+            others = sum(not same_adapter(e, evaluations[-1]) for e in evaluations[:-1])
+            print(f"kept {len(evaluations) - 1} earlier evaluation(s) there under \"evaluations\"; its results now "
+                  f"hold {', '.join(results['tasks'])} (the newest score of each task of this adapter)"
+                  + (f"; {others} of them scored other adapter weights and are not in its results" if others else ""))
     return 0
