@@ -198,12 +198,17 @@ def earlier_evaluations(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(results)]
 
 
-def _listed_files(evaluation: dict[str, Any]) -> list[str]:
-    samples = evaluation.get("samples")
-    tasks = samples.get("tasks") if isinstance(samples, dict) else None
-    if not isinstance(tasks, dict):
-        return []
-    return [entry["file"] for entry in tasks.values() if isinstance(entry, dict) and isinstance(entry.get("file"), str)]
+def listed_sample_files(results: dict[str, Any]) -> list[str]:
+    """Every per-question file name a results document lists (relative to its folder): under its top-level
+    ``"samples"`` and under each of its ``"evaluations"``."""
+    history = results.get("evaluations")
+    names: list[str] = []
+    for evaluation in [results, *(history if isinstance(history, list) else [])]:
+        samples = evaluation.get("samples") if isinstance(evaluation, dict) else None
+        tasks = samples.get("tasks") if isinstance(samples, dict) else None
+        names += [entry["file"] for entry in (tasks.values() if isinstance(tasks, dict) else ())
+                  if isinstance(entry, dict) and isinstance(entry.get("file"), str)]
+    return list(dict.fromkeys(names))
 
 
 def same_adapter(one: dict[str, Any], other: dict[str, Any]) -> bool:
@@ -267,8 +272,9 @@ def save_evaluation(target: str | Path, evaluation: dict[str, Any], records: dic
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _folder_lock(target.parent):
-        history = earlier_evaluations(read_results(target))
-        taken = {name for earlier in history for name in _listed_files(earlier)}
+        earlier = read_results(target)
+        history = earlier_evaluations(earlier)
+        taken = set(listed_sample_files(earlier))
         evaluation = {**evaluation, "samples": write_samples(target, records, taken=taken)}
         document = _clean(merge_evaluations([*history, evaluation]))
         atomic_write_json(target, document)
@@ -551,5 +557,6 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join([line(("task", "metric", "value")), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
-__all__ = ["evaluate", "format_table", "merge_evaluations", "read_results", "task_manager"]
+__all__ = ["evaluate", "format_table", "listed_sample_files", "merge_evaluations", "read_results", "same_adapter",
+           "task_manager"]
 

@@ -319,7 +319,7 @@ def test_eval_killed_before_its_results_json_leaves_the_earlier_evaluation_intac
 
 
 def test_save_evaluation_keeps_an_old_layout_file_and_other_adapters_apart(tmp_path):
-    from polar.evaluation import save_evaluation
+    from polar.evaluation import listed_sample_files, save_evaluation
 
     old = write_run(tmp_path / "eval_results.json", {"alpha": {"acc": [1, 0]}})  # one evaluation per file
     before = json.loads(old.read_text()) | {"adapter": "runs/a", "base_model": "m", "results": {"alpha": {"acc": 0.5}}}
@@ -336,6 +336,8 @@ def test_save_evaluation_keeps_an_old_layout_file_and_other_adapters_apart(tmp_p
     assert document["tasks"] == ["alpha"] and document["results"]["alpha"] == {"acc": 0.0}
     assert document["samples"]["tasks"]["alpha"]["file"] == "eval_results_samples_alpha.2.jsonl"
     assert len(document["evaluations"]) == 3 and document["evaluations"][0] == before
+    assert listed_sample_files(document) == ["eval_results_samples_alpha.2.jsonl", "eval_results_samples_alpha.jsonl",
+                                             "eval_results_samples_beta.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------- PolarConfig
