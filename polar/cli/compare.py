@@ -9,7 +9,7 @@ import sys
 EPILOG = """\
 each SIDE is one run or several runs joined by commas (the seeds of one setup); a run is a `polar eval` results
 JSON or a run folder holding eval_results.json, whose per-question files (<stem>_samples_<task>.jsonl, listed in
-the results JSON) are read. Every pair of sides is compared, the later minus the earlier (B − A, C − A, C − B).
+the results JSON's "samples"; in a file holding several evaluations, the newest of each task) are read. Every pair of sides is compared, the later minus the earlier (B − A, C − A, C − B).
 A side's runs may score different tasks (one run per task and seed, as a benchmark grid writes them): the runs of
 a side that scored a task are that task's replicates.
 
