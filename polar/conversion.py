@@ -48,11 +48,28 @@ def _polar_state(source: Union[str, os.PathLike, nn.Module], adapter_name: str) 
         config_dict = read_adapter_config(source)
         if config_dict.get("peft_type") != PolarPeftType.POLAR.value:
             raise ValueError(
-                f"{source} holds a {config_dict.get('peft_type')} adapter, not PoLAR. For adapters saved by the "
-                "PoLAR reference code use convert_reference (polar convert) first."
+                f"{source} holds an adapter of peft_type {config_dict.get('peft_type')!r}, not PoLAR. For adapters "
+                "saved by the PoLAR reference code use convert_reference (polar convert) first."
             )
+        _check_polar_config(config_dict, Path(source) / ADAPTER_CONFIG)
         state = read_adapter_weights(source)
     return config_dict, {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _check_polar_config(config: dict[str, Any], path: Path) -> None:
+    """Refuse a PoLAR config that PolarConfig (hence PeftModel.from_pretrained) would refuse: an export of it would
+    carry the broken settings on into the LoRA config."""
+    fields = set(PolarConfig.__dataclass_fields__) - {"peft_type"}
+    try:
+        PolarConfig(**{k: v for k, v in config.items() if k in fields})
+    except (TypeError, ValueError) as err:
+        raise AdapterFormatError(f"{path}: {err} Correct the field, or re-save the adapter with save_pretrained")
+
+
+def _config_where(source: Union[str, os.PathLike, nn.Module]) -> str:
+    if isinstance(source, nn.Module):
+        return f"<{type(source).__name__}>.peft_config"
+    return str(Path(source) / ADAPTER_CONFIG)
 
 
 def _where(source: Union[str, os.PathLike, nn.Module]) -> str:
@@ -133,8 +150,23 @@ def export_lora(
         if r != config["r"]:
             lora_rank_pattern[f"^{re.escape(name)}$"] = r
 
+    try:
+        lora_config = _lora_config(config, lora_rank_pattern)
+    except (KeyError, TypeError, ValueError) as err:
+        raise AdapterFormatError(
+            f"{_config_where(model_or_adapter_dir)}: its settings cannot be written as a LoRA config "
+            f"({type(err).__name__}: {err}); correct adapter_config.json or re-save the adapter"
+        ) from None
+    with atomic_directory(out_dir, overwrite=overwrite, writes=EXPORT_FILES, command="polar export") as tmp:
+        lora_config.save_pretrained(tmp)
+        save_file(lora_state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    return Path(out_dir)
+
+
+def _lora_config(config: dict[str, Any], lora_rank_pattern: dict[str, int]) -> LoraConfig:
+    """The LoraConfig of an export: same targets and ranks as the PoLAR config."""
     # Scaling lora_alpha / r must be 1 everywhere: PoLAR's scaling is already folded into B.
-    lora_config = LoraConfig(
+    return LoraConfig(
         r=config["r"],
         lora_alpha=config["r"],
         rank_pattern=lora_rank_pattern,
@@ -152,10 +184,6 @@ def export_lora(
         revision=config.get("revision"),
         inference_mode=True,
     )
-    with atomic_directory(out_dir, overwrite=overwrite, writes=EXPORT_FILES, command="polar export") as tmp:
-        lora_config.save_pretrained(tmp)
-        save_file(lora_state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    return Path(out_dir)
 
 
 def convert_reference(

@@ -196,7 +196,7 @@ POLAR_CORPUS: dict[str, Mutation] = {
     "r-list": _set("r", [4]), "alpha-string": _set("alpha", "8"), "alpha-null": _set("alpha", None),
     "alpha-nan": _set("alpha", float("nan")), "alpha-zero": _set("alpha", 0),
     "rank-pattern-list": _set("rank_pattern", []), "alpha-pattern-string": _set("alpha_pattern", {"q_proj": "x"}),
-    "missing-r": _drop("r"), "missing-alpha": _drop("alpha"),
+    "missing-r": _drop("r"), "missing-alpha": _drop("alpha"), "target-modules-ints": _set("target_modules", [1]),
     "config-rank-differs": _damages(WEIGHTS, _set("r", 8)),  # the message names the weights that disagree
     "X-1d": _tensor("polar_X", lambda t: t[:, 0]),
     "Y-rank-differs": _tensor("polar_Y", lambda t: t[:, :3]),
@@ -257,6 +257,16 @@ def test_malformed_reference_adapter(tmp_path, sources, capsys, case):
     mutate = REFERENCE_CORPUS[case]
     folder = _broken(tmp_path, sources["reference"], mutate)
     _refused_everywhere(capsys, tmp_path, folder, ("convert", "analyze"), mutate.damaged_file)
+
+
+@pytest.mark.parametrize("field,value,words", [("dropout", -1, "dropout must be in"),
+                                               ("bias", "weird", "unknown bias"), ("theta", "8", "unknown theta")])
+def test_export_refuses_settings_peft_would_refuse(tmp_path, sources, capsys, field, value, words):
+    """Fields the analysis does not read: a LoRA export would carry them on into a config PEFT cannot load."""
+    folder = _broken(tmp_path, sources["polar"], _set(field, value))
+    line = _cli_error(capsys, ["export", str(folder), str(tmp_path / "out")])
+    assert f"{folder / CONFIG}: " in line and words in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_messages_name_file_key_and_remedy(tmp_path, sources, capsys):

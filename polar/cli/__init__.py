@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 # Order is the order shown in ``polar --help``.
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         # The library's errors are written for users: show them without a traceback (POLAR_DEBUG=1 to see it).
         if os.environ.get("POLAR_DEBUG"):
             raise
-        print(f"polar {args.command}: error: {err}", file=sys.stderr)
+        # One line, whatever the library wrote: scripts and logs read the error as a single record.
+        message = re.sub(r"\s*\n\s*", " ", str(err).strip())
+        print(f"polar {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

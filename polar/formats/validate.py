@@ -89,6 +89,18 @@ def check_config(config: Any, path: str) -> dict[str, Any]:
     for field in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if config.get(field) is not None and not isinstance(config[field], bool):
             raise bad(field, config[field], "true or false")
+    for field in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        value = config.get(field)
+        if value is not None and not (isinstance(value, str) or (isinstance(value, list)
+                                                                  and all(isinstance(v, str) for v in value))):
+            raise bad(field, value, "null, a string or an array of strings")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool) or (
+            isinstance(layers, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in layers))):
+        raise bad("layers_to_transform", layers, "null, an integer or an array of integers")
+    for field in ("base_model_name_or_path", "revision", "task_type"):
+        if config.get(field) is not None and not isinstance(config[field], str):
+            raise bad(field, config[field], "null or a string")
     enable = config.get("enable_lora")
     if enable is not None and not (isinstance(enable, list) and all(isinstance(v, bool) for v in enable)):
         raise bad("enable_lora", enable, "null or an array of true/false")
