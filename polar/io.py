@@ -194,23 +194,24 @@ def atomic_directory(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _side_name(out_dir, "tmp")
     os.mkdir(tmp)  # mode 0777 minus the umask, as a folder made by hand
+    old = None
     try:
         yield tmp
         _fsync_tree(tmp)
         if out_dir.exists():
             old = _side_name(out_dir, "old")
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            _fsync_dir(out_dir.parent)
-            trash = _side_name(out_dir, "del")
-            os.replace(old, trash)  # from here on the previous folder is garbage, never restored
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-            _fsync_dir(out_dir.parent)
+        os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
     except BaseException:
+        if old is not None and old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)  # the new folder did not get in: the previous one goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        trash = _side_name(out_dir, "del")
+        os.replace(old, trash)  # from here on the previous folder is garbage, never restored
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -385,6 +385,26 @@ def test_sigkill_of_a_writer(tmp_path, stage):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    """The rename of the new folder into place fails (injected I/O error): the previous folder is not lost."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _write(out, "previous")
+    real = os.replace
+
+    def replace(src, dst) -> None:
+        if str(src).endswith(".tmp") and Path(dst) == out:
+            raise OSError(5, "injected I/O error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        with atomic_directory(out, overwrite=True) as tmp:
+            _write(tmp, "new")
+    assert (out / "a.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_files_and_folders_are_fsynced(tmp_path, monkeypatch):
     synced: list[str] = []
     real = os.fsync
