@@ -52,7 +52,8 @@ def _positive_number(value: Any) -> bool:
 
 def check_config(config: Any, path: str) -> dict[str, Any]:
     """``config`` (parsed ``adapter_config.json`` at ``path``) if the fields that scale or shape the update have
-    usable types; a PoLAR config must give ``r`` and ``alpha``."""
+    usable types; a PoLAR config must give ``r`` and ``alpha``. Configs of PoLAR, LoRA (and DoRA, reference-code
+    PoLAR: LoRA-style) and of no stated type are checked."""
     if not isinstance(config, dict):
         raise AdapterFormatError(
             f"{path}: holds {_found(config)}, not a JSON object of adapter settings; {RESAVE}"
@@ -65,6 +66,8 @@ def check_config(config: Any, path: str) -> dict[str, Any]:
     peft_type = config.get("peft_type")
     if peft_type is not None and not isinstance(peft_type, str):
         raise bad("peft_type", peft_type, "a string such as \"POLAR\" or \"LORA\"")
+    if peft_type is not None and peft_type.upper() not in ("POLAR", "LORA"):
+        return config  # another PEFT method: its fields mean other things (OFT's r may be 0); readers refuse it by name
     required = ("r", "alpha") if str(peft_type).upper() == "POLAR" else ()
     for field in required:
         if field not in config:
