@@ -119,6 +119,23 @@ def test_resume_continues_from_the_newest_complete_checkpoint(assets, reference,
     assert all(checkpoint_problem(out / f"checkpoint-{s}") is None for s in (4, 5, 6))
 
 
+def test_killed_during_the_final_save(assets, reference, tmp_path, capsys):
+    """Killed after its last checkpoint, while writing the final adapter: the resume trains no further step
+    (transformers would take a step past --max-steps) and saves the last checkpoint's adapter."""
+    out = _copy(reference, tmp_path)
+    _truncate(out / "adapter_model.safetensors")
+    run = json.loads((out / "run.json").read_text())
+    run["status"] = run["attempts"][0]["status"] = "running"  # as the kill left it
+    (out / "run.json").write_text(json.dumps(run))
+    assert main([*_args(assets, out), "--resume"]) == 0
+    assert "checkpoint-6 is the run's last step: nothing left to train" in capsys.readouterr().out
+    ref, got = _weights(reference), _weights(out)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    run = json.loads((out / "run.json").read_text())
+    assert run["global_step"] == STEPS and _losses(out) == _losses(reference)
+    assert [a["status"] for a in run["attempts"]] == ["interrupted", "finished"]
+
+
 def test_resume_refuses_when_no_checkpoint_is_complete(assets, reference, tmp_path, capsys):
     out = _copy(reference, tmp_path)
     for step in (4, 5, 6):

@@ -218,3 +218,21 @@ class CheckpointSealCallback(TrainerCallback):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
                 seal_checkpoint(path, state.global_step)
+
+
+class RunAlreadyComplete(Exception):
+    """Raised by :class:`StopAtLastStepCallback` when the resumed checkpoint is at the run's last step."""
+
+
+class StopAtLastStepCallback(TrainerCallback):
+    """Stops a run resumed from a checkpoint at (or past) its last step before it trains at all.
+
+    transformers starts the resumed epoch without checking the step count and takes one more optimiser step (step
+    max_steps + 1) before it stops: the adapter of a run killed after its last checkpoint, during the final save,
+    would differ from the uninterrupted run's. ``polar train`` catches :class:`RunAlreadyComplete` and saves the
+    checkpoint's adapter, which the model already holds.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise RunAlreadyComplete(f"the checkpoint is at step {state.global_step} of {state.max_steps}")

@@ -14,7 +14,13 @@ from polar.io import atomic_write_json
 from polar.loading import package_versions
 
 from .callbacks import MetricsCSVCallback, make_callbacks
-from .checkpoints import CheckpointSealCallback, checkpoint_step, remove_checkpoints_after
+from .checkpoints import (
+    CheckpointSealCallback,
+    RunAlreadyComplete,
+    StopAtLastStepCallback,
+    checkpoint_step,
+    remove_checkpoints_after,
+)
 from .folder import clear_run, resume_plan, run_in_folder
 from .settings import TrainSettings, resolve_settings
 from .setup import model_dtype, orthogonality_error, prepare, trainer_setup, training_arguments
@@ -81,7 +87,8 @@ def _run(settings: TrainSettings, args: Any, spec: Any, resume_from: str | None,
         print(f"polar train: optimiser: {optimizer_name}", flush=True)
     trainer = trainer_cls(model=prepared.model, args=args, train_dataset=prepared.dataset,
                           data_collator=prepared.collator, processing_class=prepared.tokenizer,
-                          callbacks=[*make_callbacks(output_dir, settings.track_every), CheckpointSealCallback()],
+                          callbacks=[*make_callbacks(output_dir, settings.track_every), CheckpointSealCallback(),
+                                     StopAtLastStepCallback()],
                           **trainer_kwargs)
     for cb in list(trainer.callback_handler.callbacks):
         if type(cb) is ProgressCallback:  # replaced by PolarProgressCallback
@@ -102,10 +109,16 @@ def _run(settings: TrainSettings, args: Any, spec: Any, resume_from: str | None,
     if is_main:
         atomic_write_json(output_dir / "run.json", run_info)
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
+        except RunAlreadyComplete:  # killed after its last checkpoint: the model holds that checkpoint's adapter
+            metrics = {}
+            if is_main:
+                print(f"polar train: {Path(resume_from).name} is the run's last step: nothing left to train",
+                      flush=True)
         trainer.save_model(str(output_dir))  # main process only, adapter in PEFT format (+ modules_to_save)
         if is_main:
-            _finish_record(run_info, attempt, trainer, prepared, result, output_dir, settings.adapter == "polar")
+            _finish_record(run_info, attempt, trainer, prepared, metrics, output_dir, settings.adapter == "polar")
     except BaseException as err:
         if is_main:  # the attempt is recorded as failed; the earlier attempts stay as they were
             status = "failed" if isinstance(err, Exception) else "interrupted"
@@ -116,18 +129,18 @@ def _run(settings: TrainSettings, args: Any, spec: Any, resume_from: str | None,
             atomic_write_json(output_dir / "run.json", run_info)
         raise
     _barrier()
-    return {"output_dir": str(output_dir), "metrics": result.metrics, "global_step": trainer.state.global_step,
+    return {"output_dir": str(output_dir), "metrics": metrics, "global_step": trainer.state.global_step,
             "run": run_info}
 
 
-def _finish_record(run_info: dict[str, Any], attempt: dict[str, Any], trainer: Any, prepared: Any, result: Any,
-                   output_dir: Path, polar_adapter: bool) -> None:
+def _finish_record(run_info: dict[str, Any], attempt: dict[str, Any], trainer: Any, prepared: Any,
+                   train_metrics: dict[str, Any], output_dir: Path, polar_adapter: bool) -> None:
     """Save the tokenizer and complete run.json (final metrics, orthogonality, the files written)."""
     written = prepared.tokenizer.save_pretrained(str(output_dir))
     # The names --overwrite may remove later (tokenizer files vary with the model; the rest are fixed names).
     names = {Path(f).name for f in written if Path(f).parent.resolve() == output_dir.resolve()}
     run_info["outputs"] = sorted(names | set(run_info.get("outputs", [])))
-    run_info.update(status="finished", finished=_now(), train_metrics=_jsonable(result.metrics),
+    run_info.update(status="finished", finished=_now(), train_metrics=_jsonable(train_metrics),
                     global_step=trainer.state.global_step)
     attempt.update(status="finished", finished=run_info["finished"], global_step=trainer.state.global_step)
     orth = orthogonality_error(trainer.model) if polar_adapter else None
