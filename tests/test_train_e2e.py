@@ -150,6 +150,9 @@ def test_refuse_overwrite_resume(assets, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["global_step"] == 4 and Path(run["resolved"]["resumed_from"]).name == "checkpoint-3"
     assert [int(r["step"]) for r in _csv(out / "metrics.csv") if r["loss"]] == [1, 2, 3, 4]
+    # run.json keeps the first attempt beside the resume
+    assert [(a["status"], a["global_step"]) for a in run["attempts"]] == [("finished", 3), ("finished", 4)]
+    assert run["attempts"][0]["resumed_from"] is None and run["attempts"][0]["settings"]["max_steps"] == 3
     # resume from an earlier checkpoint: the rows logged after it are replaced, not duplicated
     args[args.index("--max-steps") + 1] = "5"
     assert main([*args, "--resume", str(out / "checkpoint-3")]) == 0
@@ -159,7 +162,7 @@ def test_refuse_overwrite_resume(assets, capsys):
     # overwrite: a fresh run
     assert main([*_train_args(assets, out), "--overwrite"]) == 0
     run = json.loads((out / "run.json").read_text())
-    assert run["global_step"] == 3 and run["resolved"]["resumed_from"] is None
+    assert run["global_step"] == 3 and run["resolved"]["resumed_from"] is None and len(run["attempts"]) == 1
     assert [int(r["step"]) for r in _csv(out / "metrics.csv")] == [1, 2, 3]
     # resume with other optimiser flags: refused (the checkpoint's optimiser groups would silently win), and
     # nothing is written

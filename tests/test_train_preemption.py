@@ -290,6 +290,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume(assets, reference, tmp_path):
         events.append(event)
         if event.startswith("mid-save"):  # the kill left an incomplete checkpoint beside complete ones
             assert checkpoint_problem(out / event.split()[-1]) is not None
+    print("kills:", events)
     mid_save = [i for i, e in enumerate(events) if e.startswith("mid-save")]
     assert mid_save, events  # at least one kill landed inside a save
     run = json.loads((out / "run.json").read_text())
