@@ -143,7 +143,8 @@ def clear_run(folder: Path) -> list[Path]:
         parent = logging_dir.parent
         if parent != folder and parent.name == "runs" and not any(parent.iterdir()):
             parent.rmdir()
-    files = [folder / name for name in RUN_FILES]
+    # run.json last: it lists what else to remove, so a kill during the removal leaves it for the next --overwrite
+    files = [folder / name for name in RUN_FILES if name != "run.json"]
     outputs = previous.get("outputs")
     files += [p for p in (_inside(folder, n) for n in outputs) if p is not None] if isinstance(outputs, list) else []
     files += [p for name in RUN_FILES for p in folder.glob(f".{name}.*.tmp")]
@@ -157,6 +158,7 @@ def clear_run(folder: Path) -> list[Path]:
         files.append(results)
     if (folder / "README.md").is_file() and is_peft_model_card(folder / "README.md"):
         files.append(folder / "README.md")
+    files.append(folder / "run.json")
     for path in files:
         if path.is_file() or path.is_symlink():
             path.unlink()
