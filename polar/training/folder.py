@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from polar.io import atomic_write_bytes
 
 from .checkpoints import checkpoint_problem, find_resumable, list_checkpoints, remove_checkpoint
 from .settings import TrainSettings
@@ -90,6 +94,19 @@ def is_peft_model_card(path: Path) -> bool:
 
     template = ModelCard.from_template(ModelCardData()).text.strip()
     return match.group(2).strip().startswith(template)
+
+
+@contextlib.contextmanager
+def own_readme_kept(folder: Path) -> Iterator[None]:
+    """Leave a README.md of your own in ``folder`` byte for byte as it was across an adapter save (PEFT's
+    ``save_pretrained`` adds its model-card metadata to whatever README.md it finds)."""
+    readme = folder / "README.md"
+    before = readme.read_bytes() if readme.is_file() and not is_peft_model_card(readme) else None
+    try:
+        yield
+    finally:
+        if before is not None and (not readme.is_file() or readme.read_bytes() != before):
+            atomic_write_bytes(readme, before)
 
 
 def _inside(folder: Path, name: Any) -> Path | None:

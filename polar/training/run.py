@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -21,7 +22,7 @@ from .checkpoints import (
     checkpoint_step,
     remove_checkpoints_after,
 )
-from .folder import clear_run, resume_plan, run_in_folder
+from .folder import clear_run, own_readme_kept, resume_plan, run_in_folder
 from .settings import TrainSettings, resolve_settings
 from .setup import model_dtype, orthogonality_error, prepare, trainer_setup, training_arguments
 
@@ -116,7 +117,8 @@ def _run(settings: TrainSettings, args: Any, spec: Any, resume_from: str | None,
             if is_main:
                 print(f"polar train: {Path(resume_from).name} is the run's last step: nothing left to train",
                       flush=True)
-        trainer.save_model(str(output_dir))  # main process only, adapter in PEFT format (+ modules_to_save)
+        with own_readme_kept(output_dir) if is_main else contextlib.nullcontext():
+            trainer.save_model(str(output_dir))  # main process only, adapter in PEFT format (+ modules_to_save)
         if is_main:
             _finish_record(run_info, attempt, trainer, prepared, metrics, output_dir, settings.adapter == "polar")
     except BaseException as err:
