@@ -13,8 +13,10 @@ It uses the public API only (``polar.make_optimizer``), so the same cases run on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +65,24 @@ def _model() -> torch.nn.Module:
     return model
 
 
-def run_case(options: dict[str, Any], **adamw_kwargs: Any) -> dict[str, torch.Tensor]:
-    """Train the tiny Llama ``STEPS`` steps; the losses, every trainable tensor and the factors' AdamW moments."""
+def run_case(options: dict[str, Any], nudge_theta: bool = False, **adamw_kwargs: Any) -> dict[str, torch.Tensor]:
+    """Train the tiny Llama ``STEPS`` steps; the losses, every trainable tensor and the factors' AdamW moments.
+
+    ``nudge_theta`` moves every other entry of each starting Θ by one float32 ulp: the size of one rounding
+    difference, for :func:`rounding_sensitivity`.
+    """
     import polar
+    from polar.tuner import iter_polar_layers
 
     options = dict(options)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if options.pop("scaler", False) else None
     model = _model()
+    if nudge_theta:
+        with torch.no_grad():
+            for _, layer in iter_polar_layers(model):
+                for t in layer.polar_theta.values():
+                    flat = t.view(-1)
+                    flat[::2] = torch.nextafter(flat[::2], torch.full_like(flat[::2], float("inf")))
     opt = polar.make_optimizer(model, lr=LR, **options, **adamw_kwargs)
     losses = []
     for step in range(STEPS):
@@ -92,6 +105,32 @@ def run_case(options: dict[str, Any], **adamw_kwargs: Any) -> dict[str, torch.Te
                 out[f"{name}:exp_avg"] = opt.state[p]["exp_avg"].clone()
                 out[f"{name}:exp_avg_sq"] = opt.state[p]["exp_avg_sq"].clone()
     return out
+
+
+# Kernel choices this machine can make for the same float32 mathematics (read by MKL and ATen at start-up).
+KERNEL_VARIANTS = ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, {"ATEN_CPU_CAPABILITY": "default"})
+
+
+def kernel_choice_spread(case: str) -> float:
+    """The largest relative difference between this case's trajectories on this machine when only the CPU kernels
+    differ: the default, MKL restricted to AVX2, ATen without vectorisation (each in a fresh process, one thread).
+
+    The recorded envelope varied only AdamW's kernel and the thread count on the recording machine. Another CPU also
+    rounds the matrix products differently, and the drifting landing / penalty cases carry such differences far in
+    20 steps (measured on one Xeon with AVX-512: penalty 1.6e-2 to 7.3e-2 from the recording across these settings,
+    against a recorded envelope of 2.8e-5); a one-ulp nudge of the start moves them only 1e-4, so it is the kernels'
+    order of operations, not the size of one rounding, that matters.
+    """
+    runs = [run_case(cases()[case])]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, variant in enumerate(KERNEL_VARIANTS):
+            path = os.path.join(tmp, f"{i}.pt")
+            code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import golden_optim as g; "
+                    "torch.set_num_threads(1); torch.save(g.run_case(g.cases()[sys.argv[2]]), sys.argv[3])")
+            subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), case, path],
+                           env={**os.environ, **variant}, check=True, capture_output=True)
+            runs.append(torch.load(path))
+    return max(relative_difference(a, b) for i, a in enumerate(runs) for b in runs[i + 1:])
 
 
 def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
