@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .errors import AdapterFormatError
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 STATE_DICT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -24,13 +26,6 @@ EXPECTED = (
     "(.safetensors, .bin, .pt, .pth) holding '<module>.lora_A[.weight]' / '<module>.lora_B[.weight]' pairs "
     "(or PoLAR '<module>.polar_X' / '.polar_Y' / '.polar_theta')"
 )
-
-
-class AdapterFormatError(ValueError):
-    """A path or object holds no adapter this package can read, its files are malformed (unreadable or truncated
-    weights, wrong JSON types, factors of the wrong shape, rank or dtype, non-finite values), or it is ambiguous
-    which adapter to read. The message names the file, the field or module and what to do; the CLI prints it as
-    one line."""
 
 
 def list_dir(path: Path, limit: int = 12) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 import torch
 from peft.utils.other import get_pattern_key
 
-from .files import AdapterFormatError
+from .errors import AdapterFormatError
 
 PEFT_PREFIX = "base_model.model."
 # Path components naming a low-rank factor, and what they are.

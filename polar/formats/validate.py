@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .files import AdapterFormatError
+from .errors import AdapterFormatError
 
 RESAVE = "re-save the adapter with save_pretrained or restore the file from a copy"
 
