@@ -184,4 +184,5 @@ def test_no_import_cycle_anywhere_in_polar() -> None:
 def test_the_optimiser_package_stays_small() -> None:
     sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "polar" / "optim").glob("*.py")}
     assert max(sizes.values()) <= 400, sizes
-    assert sum(sizes.values()) < 1911, sizes  # the previous release's polar/optim
+    # the previous release's polar/optim (1911 lines), plus the all-or-nothing step of issue 31 (guard.py, hooks)
+    assert sum(sizes.values()) < 1911 + 240, sizes

@@ -316,7 +316,8 @@ def test_orthogonality_report() -> None:
     assert rep0["count"] == 16 and rep0["max"] < 1e-5
     _train(model, opt, 5)
     rep = opt.orthogonality_report(recompute=True)
-    assert set(rep) == {"max", "mean", "count", "peak"} and rep["count"] == 16
+    assert set(rep) == {"max", "mean", "count", "peak", "skipped_steps", "consecutive_skipped"} and rep["count"] == 16
+    assert rep["skipped_steps"] == rep["consecutive_skipped"] == 0
     assert rep["max"] == pytest.approx(_max_orth(model), rel=1e-5)
     assert rep["max"] > 1e-3 and 0 < rep["mean"] <= rep["max"]
     assert opt.orthogonality_report()["max"] <= rep["max"] + 1e-6  # last step's value: measured before its update

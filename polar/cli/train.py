@@ -8,6 +8,7 @@ import sys
 
 from polar.optim.modes import DEFAULT_MODE, DEFAULT_RETRACTION, MODES
 from polar.optim.stiefel import RETRACTIONS
+from polar.training.settings import setting_help
 
 EPILOG = """\
 tasks:
@@ -105,6 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="landing mode: shorten any AdamW step that would end farther than 0.5 from the manifold")
     g.add_argument("--stabilize-every", type=int,
                    help="every N steps re-orthonormalise X, Y exactly (ΔW and AdamW's moments carried over)")
+    g.add_argument("--max-consecutive-skipped-steps", type=int, metavar="N",
+                   help=setting_help("max_consecutive_skipped_steps"))
 
     g = p.add_argument_group("precision and memory")
     g.add_argument("--bf16", action="store_const", const=True, help="bf16 mixed precision")

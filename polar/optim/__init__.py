@@ -5,8 +5,10 @@ factory (:mod:`.factory`) and Trainer integration (:mod:`.trainer`)."""
 
 from . import ablations  # noqa: F401  (registers the penalty / euclidean modes and the safe step)
 from .factory import make_optimizer, reorthonormalize
+from .guard import NonFiniteStepError
 from .landing import landing_field
 from .optimizer import LandingAdamW
 from .stiefel import orthogonality_error
 
-__all__ = ["LandingAdamW", "landing_field", "make_optimizer", "orthogonality_error", "reorthonormalize"]
+__all__ = ["LandingAdamW", "NonFiniteStepError", "landing_field", "make_optimizer", "orthogonality_error",
+           "reorthonormalize"]

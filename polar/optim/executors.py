@@ -52,6 +52,7 @@ class Bucket:
     old: Optional[torch.Tensor] = None
     xtx: Optional[torch.Tensor] = None
     errors: list[torch.Tensor] = field(default_factory=list)
+    checks: list[torch.Tensor] = field(default_factory=list)  # GᵀX per chunk: finite iff G is (polar.optim.guard)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -134,6 +135,8 @@ def prepare(bucket: Bucket, workspace: Workspace) -> None:
                 pairs["gtx"] = (G, X)
         grams = bucket.manifold.grams(**pairs)
         bucket.errors.append(orthogonality_error_from_gram(grams["xtx"]))
+        if "gtx" in grams:
+            bucket.checks.append(grams["gtx"])
         if needs_old:
             bucket.xtx[lo:hi] = grams["xtx"]
         if G is not None:

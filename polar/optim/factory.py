@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .guard import DEFAULT_MAX_CONSECUTIVE_SKIPS
 from .modes import DEFAULT_MODE, MODES, validate
 from .optimizer import LandingAdamW
 from .sharding import check_model
@@ -44,6 +45,8 @@ def make_optimizer(
     safe_step: bool = False,
     stabilize_every: int = 0,
     chunk_bytes: Optional[int] = None,
+    nonfinite: str = "skip",
+    max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     optimizer_cls: type[LandingAdamW] = LandingAdamW,
     **adamw_kwargs: Any,
 ) -> LandingAdamW:
@@ -57,6 +60,8 @@ def make_optimizer(
       frozen base weights are left out.
     * ``mode=None`` / ``landing_lambda=None`` use each adapter's ``PolarConfig.optimizer_mode`` /
       ``PolarConfig.landing_lambda``. An explicit λ with a mode that does not use it is refused.
+    * ``nonfinite``, ``max_consecutive_skips``: what a step with NaN/inf gradients does (it changes nothing either
+      way): skip with a warning, raising after that many skips in a row, or raise at once (see :class:`LandingAdamW`).
     * ``chunk_bytes``: see :class:`LandingAdamW`. ``optimizer_cls``: a :class:`LandingAdamW` subclass to build;
       ``**adamw_kwargs`` go to AdamW (``amsgrad``, ``maximize``, ``foreach``, ``fused``, ...).
 
@@ -135,6 +140,8 @@ def make_optimizer(
         weight_decay=weight_decay,
         mode=modes.pop() if len(modes) == 1 else DEFAULT_MODE,  # options are set per group above
         chunk_bytes=chunk_bytes,
+        nonfinite=nonfinite,
+        max_consecutive_skips=max_consecutive_skips,
         **adamw_kwargs,
     )
 

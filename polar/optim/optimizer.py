@@ -27,6 +27,7 @@ import torch
 from torch.optim.adamw import adamw
 
 from .executors import Bucket, Workspace, finish, gather, plan_chunks, prepare
+from .guard import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonFiniteGuard
 from .modes import DEFAULT_LAMBDA, DEFAULT_MODE, DEFAULT_RETRACTION, MODES, POST_STEPS, validate
 from .sharding import check_stiefel_param, gram_reduction, is_dtensor, like_param, local_tensor, stiefel_sharding
 from .stabilize import reorthonormalize_triples, transport_factor_moment, transport_state, transport_theta_moment
@@ -74,6 +75,11 @@ class LandingAdamW(torch.optim.AdamW):
             ``polar_block`` (``make_optimizer`` builds them).
         chunk_bytes: factors per chunk (:func:`polar.optim.executors.plan_chunks`): ``None`` chooses by device,
             ``0`` whole buckets, ``> 0`` stacks of at most that many bytes.
+        nonfinite: a step whose gradients (any group) or Grams hold NaN/inf changes nothing (parameters, AdamW's
+            moments, step counters); ``"skip"`` (default) warns and counts it (:meth:`orthogonality_report`),
+            ``"raise"`` raises :class:`~polar.optim.guard.NonFiniteStepError`.
+        max_consecutive_skips: with ``"skip"``, the step after this many consecutive skipped steps raises instead
+            of skipping again (default 10; 0 = raise at once; ``None`` = no limit).
         **adamw_kwargs: ``amsgrad``, ``maximize``, ``foreach``, ``fused``, ... as for ``torch.optim.AdamW``. With
             neither ``foreach`` nor ``fused`` given, groups of plain CPU / CUDA tensors use the fused kernel.
     """
@@ -92,10 +98,13 @@ class LandingAdamW(torch.optim.AdamW):
         safe_step: bool = False,
         stabilize_every: int = 0,
         chunk_bytes: Optional[int] = None,
+        nonfinite: str = "skip",
+        max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS,
         **adamw_kwargs: Any,
     ) -> None:
         validate(mode, landing_lambda=landing_lambda, retraction=retraction, safe_step=safe_step,
                  stabilize_every=stabilize_every)
+        self._guard = NonFiniteGuard(nonfinite, max_consecutive_skips)
         # What the caller set explicitly, so that group validation refuses options a group's mode would ignore.
         self._explicit = {"landing_lambda": landing_lambda, "retraction": retraction}
         self._polar_defaults = dict(
@@ -116,12 +125,18 @@ class LandingAdamW(torch.optim.AdamW):
         self._last_orth: list[torch.Tensor] = []
         self._orth_peak: Optional[torch.Tensor] = None
 
+    _OPTIONS = ("_chunk_bytes", "_explicit", "_polar_defaults", "_guard")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults/state/param_groups (pickle, deepcopy): keep the options too.
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._OPTIONS if k in self.__dict__}}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Optimizer.__getstate__ keeps only defaults/state/param_groups (pickle, deepcopy): rebuild the rest.
         super().__setstate__(state)
         self._step_supports_amp_scaling = False
         self._init_runtime()
         self.__dict__.setdefault("_chunk_bytes", None)
+        self.__dict__.setdefault("_guard", NonFiniteGuard("skip", DEFAULT_MAX_CONSECUTIVE_SKIPS))
         self.__dict__.setdefault("_explicit", {"landing_lambda": None, "retraction": None})
         self.__dict__.setdefault("_polar_defaults", {k: self.defaults.get(k, v) for k, v in _POLAR_DEFAULTS.items()})
 
@@ -157,6 +172,15 @@ class LandingAdamW(torch.optim.AdamW):
             warnings.warn("weight decay on Stiefel factors pulls them off the manifold and fights the mode's "
                           "correction; make_optimizer() uses weight_decay=0 for X and Y.", stacklevel=5)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, then every PoLAR group option the saved groups lack (a checkpoint written before the option
+        existed) is taken from the group as built, or the default: checkpoints of earlier releases load."""
+        built = [dict(g) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, before in zip(self.param_groups, built):
+            for key, default in self._polar_defaults.items():
+                group.setdefault(key, before.get(key, default))
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
@@ -168,6 +192,12 @@ class LandingAdamW(torch.optim.AdamW):
             buckets = self.buckets()
             for bucket in buckets:
                 prepare(bucket, self._workspace)
+            # All or nothing: everything up to here only read the parameters and wrote scratch buffers.
+            if not self._guard.passes(self.param_groups, buckets):
+                self._record_orthogonality(buckets)  # the factors as they are (NaN if they hold NaN)
+                self._guard.skip(self.param_groups)  # warns and counts, or raises
+                return loss
+            for bucket in buckets:
                 if bucket.first_step and bucket.mode.retracts:
                     self._check_starts_on_manifold(torch.cat(bucket.errors), bucket)
             raw = self._feed_fields(buckets)
@@ -336,7 +366,8 @@ class LandingAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def orthogonality_report(self, recompute: bool = False) -> dict[str, float]:
-        """``{"max", "mean", "count", "peak"}`` of ‖XᵀX − I‖_F over the trainable factors.
+        """``{"max", "mean", "count", "peak"}`` of ‖XᵀX − I‖_F over the trainable factors, and
+        ``skipped_steps`` / ``consecutive_skipped``: steps skipped for non-finite values (in this process).
 
         By default the values measured for free during the last ``step()`` (on the factors as they entered it);
         ``recompute=True`` (or before the first step) measures the factors now (one Gram per factor; under FSDP2
@@ -355,10 +386,13 @@ class LandingAdamW(torch.optim.AdamW):
                 X = gather(ps, shape[0] < shape[1], compute_dtype(dtype))
                 vals.append(Stiefel(gram_reduction(sharding)).error(X))
         peak = float(self._orth_peak) if self._orth_peak is not None else None
+        skips = {"skipped_steps": self._guard.skipped, "consecutive_skipped": self._guard.consecutive}
         if not vals:
-            return {"max": 0.0, "mean": 0.0, "count": 0, "peak": peak or 0.0}
+            return {"max": 0.0, "mean": 0.0, "count": 0, "peak": peak or 0.0, **skips}
         flat = torch.cat([v.reshape(-1).float().cpu() for v in vals])
         report = {"max": float(flat.max()), "mean": float(flat.mean()), "count": int(flat.numel())}
-        report["peak"] = max(peak, report["max"]) if peak is not None else report["max"]
-        return report
+        # torch.maximum propagates NaN (Python's max() keeps whichever comes first): a NaN factor shows in the peak
+        report["peak"] = report["max"] if peak is None else float(torch.maximum(torch.tensor(peak),
+                                                                                 torch.tensor(report["max"])))
+        return {**report, **skips}
 

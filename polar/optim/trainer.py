@@ -9,6 +9,7 @@ the ``TrainingArguments`` and log the orthogonality error with every log line.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional
 
@@ -87,13 +88,18 @@ class PolarTrainerMixin:
         if opt is not None and opt.has_measured_orthogonality:
             report = opt.orthogonality_report()
             logs = {**logs, "polar_orth_max": report["max"], "polar_orth_mean": report["mean"],
-                    "polar_orth_peak": report["peak"]}
-            if report["max"] > self.orth_warning_threshold and not self._warned_orth:
+                    "polar_orth_peak": report["peak"], "polar_skipped_steps": report["skipped_steps"]}
+            # `not <=`: a NaN distance (factors holding NaN/inf) warns too
+            if not report["max"] <= self.orth_warning_threshold and not self._warned_orth:
                 self._warned_orth = True
+                finite = math.isfinite(report["max"])
                 warnings.warn(
                     f"PoLAR factors left the Stiefel manifold at step {self.state.global_step}: max ‖XᵀX − I‖_F = "
-                    f"{report['max']:.4g} (> {self.orth_warning_threshold:g}). The adapter is then an unconstrained "
-                    f"three-factor product and large drifts have diverged in our runs. {drift_advice(opt)}",
+                    f"{report['max']:.4g} (> {self.orth_warning_threshold:g}). "
+                    + ("The adapter is then an unconstrained three-factor product and large drifts have diverged "
+                       f"in our runs. {drift_advice(opt)}" if finite else
+                       "The factors hold NaN/inf: they were changed outside the optimiser or loaded from a damaged "
+                       "checkpoint; every step is skipped until they are repaired: reload the last good checkpoint."),
                     RuntimeWarning,
                     stacklevel=2,
                 )

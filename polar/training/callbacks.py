@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ from polar.io import atomic_write_text
 
 CSV_FIRST_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "orth_error", "orth_error_mean",
                      "orth_error_peak"]
-# PolarTrainer logs the orthogonality error under these names; metrics.csv gives them its own.
+# PolarTrainer logs the orthogonality error and the optimiser's skipped steps (non-finite values) under these
+# names; metrics.csv gives them its own.
 ORTH_LOG_NAMES = {"polar_orth_max": "orth_error", "polar_orth_mean": "orth_error_mean",
-                  "polar_orth_peak": "orth_error_peak"}
+                  "polar_orth_peak": "orth_error_peak", "polar_skipped_steps": "skipped_steps"}
 
 
 def _as_step(value: Any) -> int:
@@ -43,6 +45,7 @@ class MetricsCSVCallback(TrainerCallback):
         self.path = Path(path)
         self.columns: list[str] = []
         self.carried_peak = 0.0  # orth_error_peak of the rows kept from before a resume
+        self.carried_skips = 0  # skipped_steps of the last row kept from before a resume
         if self.path.is_file():
             with self.path.open(newline="") as handle:
                 self.columns = next(csv.reader(handle), [])
@@ -65,6 +68,7 @@ class MetricsCSVCallback(TrainerCallback):
         kept = [r for r in rows if _as_step(r.get("step")) <= state.global_step]
         # the optimiser's peak starts afresh in a new process: carry the resumed run's into the new rows
         self.carried_peak = max([float(r["orth_error_peak"]) for r in kept if r.get("orth_error_peak")], default=0.0)
+        self.carried_skips = max([_as_step(r["skipped_steps"]) for r in kept if r.get("skipped_steps")], default=0)
         if len(kept) != len(rows):
             self._rewrite(kept)
 
@@ -74,7 +78,10 @@ class MetricsCSVCallback(TrainerCallback):
         row = {"step": state.global_step}
         row.update({ORTH_LOG_NAMES.get(k, k): v for k, v in logs.items()})
         if "orth_error_peak" in row:
-            row["orth_error_peak"] = max(float(row["orth_error_peak"]), self.carried_peak)
+            peak = float(row["orth_error_peak"])
+            row["orth_error_peak"] = peak if math.isnan(peak) else max(peak, self.carried_peak)
+        if "skipped_steps" in row:
+            row["skipped_steps"] = int(row["skipped_steps"]) + self.carried_skips
         keys = [k for k in row if not isinstance(row[k], (dict, list, str)) or k == "step"]
         if any(k not in self.columns for k in keys) or not self.path.is_file():
             old_rows = self._rows() if self.path.is_file() else []
@@ -104,6 +111,8 @@ class PolarProgressCallback(ProgressCallback):
         orth = logs.get("polar_orth_max", logs.get("orth_error"))
         if orth is not None:
             postfix["orth"] = f"{orth:.1e}"
+        if logs.get("polar_skipped_steps"):  # steps LandingAdamW skipped for NaN/inf values, shown once there are any
+            postfix["skipped"] = str(logs["polar_skipped_steps"])
         self.training_bar.set_postfix(postfix, refresh=True)
 
 

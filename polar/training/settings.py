@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from polar.optim.guard import DEFAULT_MAX_CONSECUTIVE_SKIPS, validate_nonfinite
+
 ADAPTERS = ("polar", "lora", "dora")
 DEFAULT_LR = {"polar": 4e-3, "lora": 4e-4, "dora": 4e-4}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
@@ -37,6 +39,10 @@ class TrainSettings:
     retraction: str | None = None
     safe_step: bool | None = None
     stabilize_every: int | None = None
+    max_consecutive_skipped_steps: int | None = field(default=None, metadata={"help": (
+        "a step whose gradients hold NaN/inf is skipped (nothing changes; counted in metrics.csv and the progress "
+        "bar); after N skips in a row the next such step stops the run with an error (default "
+        f"{DEFAULT_MAX_CONSECUTIVE_SKIPS}; 0: stop at the first)")})
     modules_to_save: list[str] | None = None
     # optimisation
     learning_rate: float | None = None
@@ -74,6 +80,11 @@ class TrainSettings:
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(TrainSettings))
 RECIPE_KEYS = tuple(n for n in SETTING_NAMES if n not in ("recipe", "overwrite", "resume", "output_dir"))
+
+
+def setting_help(name: str) -> str:
+    """The help text of a :class:`TrainSettings` field (its ``help`` metadata), for its command-line flag."""
+    return next(f for f in dataclasses.fields(TrainSettings) if f.name == name).metadata["help"]
 
 
 def resolve_settings(**kwargs: Any) -> TrainSettings:
@@ -122,7 +133,8 @@ def resolve_settings(**kwargs: Any) -> TrainSettings:
 
 # How polar train's users spell the optimiser options (for validation messages).
 _FLAGS = {"mode": "--optimizer-mode", "landing_lambda": "--landing-lambda", "retraction": "--retraction",
-          "safe_step": "--safe-step", "stabilize_every": "--stabilize-every"}
+          "safe_step": "--safe-step", "stabilize_every": "--stabilize-every",
+          "max_consecutive_skips": "--max-consecutive-skipped-steps"}
 
 
 def check_optimizer_settings(settings: TrainSettings) -> None:
@@ -130,7 +142,8 @@ def check_optimizer_settings(settings: TrainSettings) -> None:
 
     flags = {"optimizer_mode": settings.optimizer_mode, "retraction": settings.retraction,
              "safe_step": settings.safe_step, "stabilize_every": settings.stabilize_every,
-             "landing_lambda": settings.landing_lambda}
+             "landing_lambda": settings.landing_lambda,
+             "max_consecutive_skipped_steps": settings.max_consecutive_skipped_steps}
     given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
     if settings.adapter != "polar":
         if given or settings.optimizer_options:
@@ -141,6 +154,9 @@ def check_optimizer_settings(settings: TrainSettings) -> None:
     validate(options.get("mode") or DEFAULT_MODE, landing_lambda=options.get("landing_lambda"),
              retraction=options.get("retraction"), safe_step=bool(options.get("safe_step")),
              stabilize_every=options.get("stabilize_every") or 0, who="polar train", spelling=_FLAGS)
+    validate_nonfinite(options.get("nonfinite", "skip"),
+                       options.get("max_consecutive_skips", DEFAULT_MAX_CONSECUTIVE_SKIPS), who="polar train",
+                       spelling=_FLAGS)
 
 
 def optimizer_options(settings: TrainSettings) -> dict[str, Any]:
@@ -149,6 +165,8 @@ def optimizer_options(settings: TrainSettings) -> dict[str, Any]:
     flags = {"mode": settings.optimizer_mode, "retraction": settings.retraction, "safe_step": settings.safe_step,
              "stabilize_every": settings.stabilize_every, "landing_lambda": settings.landing_lambda}
     options.update({k: v for k, v in flags.items() if v is not None})
+    if settings.max_consecutive_skipped_steps is not None:
+        options["max_consecutive_skips"] = settings.max_consecutive_skipped_steps
     if options.get("landing_lambda") is not None:
         options["landing_lambda"] = float(options["landing_lambda"])
     return options
