@@ -449,3 +449,20 @@ def test_polar_train_stops_after_a_run_of_skipped_steps(tmp_path, capsys) -> Non
     assert main([*argv[:-2], "--max-consecutive-skipped-steps", "-1", "--overwrite"]) == 2
     assert "polar train: error: polar train: --max-consecutive-skipped-steps must be an integer ≥ 0" in \
         capsys.readouterr().err
+
+
+def test_a_state_dict_whose_moments_hold_nan_is_refused_and_nothing_is_loaded() -> None:
+    """Saved after a step that spread NaN (as the optimiser did before steps were all or nothing): loading it
+    would make the first step write NaN into the parameters, since the step checks gradients, not moments."""
+    model = _model()
+    opt = make_optimizer(model, lr=1e-2)
+    _backward(model, 0)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    next(iter(saved["state"].values()))["exp_avg_sq"][0, 0] = float("nan")
+    fresh = make_optimizer(model, lr=1e-2)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"saved AdamW moments hold NaN/inf \(state of parameter\(s\) 0\).*earlier "
+                                         r"checkpoint; nothing was loaded"):
+        fresh.load_state_dict(saved)
+    _assert_identical(fresh.state_dict(), before)

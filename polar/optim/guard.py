@@ -22,7 +22,7 @@ from .executors import Bucket
 from .sharding import is_dtensor, local_tensor
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_SKIPS", "NONFINITE_POLICIES", "NonFiniteGuard", "NonFiniteStepError",
-           "all_finite", "describe", "validate_nonfinite"]
+           "all_finite", "check_saved_state", "describe", "validate_nonfinite"]
 
 NONFINITE_POLICIES = ("skip", "raise")
 #: Consecutive skipped steps allowed before a step with non-finite values raises (``polar train`` flag
@@ -83,6 +83,21 @@ def all_finite(grams: list[torch.Tensor], grads: list[torch.Tensor], meshes: lis
     if meshes:
         ok = _all_ranks(ok, meshes)
     return bool(ok)
+
+
+def check_saved_state(state_dict: dict[str, Any]) -> None:
+    """Refuse an optimiser state dict whose moments hold NaN/inf (saved after a step that spread them): loaded, its
+    first step would write NaN into every parameter it touches, since the step's check reads gradients, not moments."""
+    saved = {k: t for k, entry in state_dict.get("state", {}).items() for name, t in entry.items()
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and name != "step"}
+    meshes = list({id(t.device_mesh): t.device_mesh for t in saved.values() if is_dtensor(t)}.values())
+    if all_finite([], list(saved.values()), meshes):
+        return
+    bad = [str(k) for k, t in saved.items() if not bool(local_tensor(t).isfinite().all())]
+    raise ValueError(
+        f"LandingAdamW.load_state_dict: the saved AdamW moments hold NaN/inf (state of parameter(s) "
+        f"{', '.join(bad[:5]) or 'on another rank'}): the optimiser state was saved after a non-finite step. Resume "
+        "from an earlier checkpoint; nothing was loaded.")
 
 
 def _all_ranks(ok: torch.Tensor, meshes: list[Any]) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch.optim.adamw import adamw
 
 from .executors import Bucket, Workspace, finish, gather, plan_chunks, prepare
-from .guard import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonFiniteGuard
+from .guard import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonFiniteGuard, check_saved_state
 from .modes import DEFAULT_LAMBDA, DEFAULT_MODE, DEFAULT_RETRACTION, MODES, POST_STEPS, validate
 from .sharding import check_stiefel_param, gram_reduction, is_dtensor, like_param, local_tensor, stiefel_sharding
 from .stabilize import reorthonormalize_triples, transport_factor_moment, transport_state, transport_theta_moment
@@ -175,6 +175,7 @@ class LandingAdamW(torch.optim.AdamW):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, then every PoLAR group option the saved groups lack (a checkpoint written before the option
         existed) is taken from the group as built, or the default: checkpoints of earlier releases load."""
+        check_saved_state(state_dict)  # NaN moments would be written into the parameters by the first step
         built = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, before in zip(self.param_groups, built):
