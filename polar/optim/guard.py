@@ -122,27 +122,29 @@ def _label(index: int, group: dict[str, Any], j: int, p: torch.Tensor) -> str:
 
 
 def _kind(t: torch.Tensor) -> str:
-    local = local_tensor(t)
-    return "NaN" if bool(local.isnan().any()) else "inf"
+    return "NaN" if bool(local_tensor(t).isnan().any()) else "inf"
 
 
 @torch.no_grad()
 def describe(param_groups: list[dict[str, Any]], limit: int = 3) -> tuple[str, str]:
     """``(what, advice)`` for a step found non-finite (the slow path, run only then): which gradients / parameters
     hold NaN or inf on this rank, and what to do about it."""
-    bad_grads, bad_params = [], []
+    bad_grads, bad_params, n_grads = [], [], 0
     for i, group in enumerate(param_groups):
         for j, p in enumerate(group["params"]):
+            n_grads += p.grad is not None
             if p.grad is not None and not bool(local_tensor(p.grad).isfinite().all()):
                 bad_grads.append(f"{_kind(p.grad)} in the gradient of {_label(i, group, j, p)}")
             if not bool(local_tensor(p).isfinite().all()):
                 bad_params.append(f"{_kind(p)} in {_label(i, group, j, p)}")
     found = bad_params + bad_grads
     if not found:
-        sharded = any(is_dtensor(p) for g in param_groups for p in g["params"])
-        if sharded:
+        if any(is_dtensor(p) for g in param_groups for p in g["params"]):
             return "non-finite values in another rank's shard", _GRADIENT_ADVICE
         return "non-finite Grams GᵀX / XᵀX", _OVERFLOW_ADVICE
+    if len(bad_grads) == n_grads > 1 and not bad_params:  # e.g. clip_grad_norm_ scales all by a NaN norm
+        return (f"NaN/inf in every gradient ({n_grads} tensors: the loss was not finite, or gradient clipping "
+                f"spread one non-finite gradient to all; first: {bad_grads[0]})"), _GRADIENT_ADVICE
     more = f" and {len(found) - limit} more" if len(found) > limit else ""
     return "; ".join(found[:limit]) + more, _PARAM_ADVICE if bad_params else _GRADIENT_ADVICE
 
@@ -169,8 +171,7 @@ class NonFiniteGuard:
                     grads.append(p.grad)
         meshes = list({id(g.device_mesh): g.device_mesh for g in grads if is_dtensor(g)}.values())
         ok = all_finite(grams, grads, meshes)
-        if ok:
-            self.consecutive = 0
+        self.consecutive = 0 if ok else self.consecutive  # a finite step ends a run of skips
         return ok
 
     def skip(self, param_groups: list[dict[str, Any]]) -> None:
