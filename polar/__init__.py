@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it; resolved on first attribute access.
 _LAZY_EXPORTS = {
     "export_lora": "polar.conversion",
+    "export_gguf": "polar.gguf_export",
     "convert_reference": "polar.conversion",
     "landing_field": "polar.optim.landing",
     "orthogonality_error": "polar.optim.stiefel",
