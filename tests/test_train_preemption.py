@@ -182,9 +182,11 @@ def test_overwrite_removes_only_the_previous_run(assets, reference, tmp_path):
     (out / "run.json").write_text(json.dumps(run))
     (out / "runs" / "Dec07_10-00-00_host").mkdir(parents=True)
     (out / "runs" / "Dec07_10-00-00_host" / "events.out").write_text("tb")
-    (out / "eval_results.json").write_text(json.dumps(
-        {"samples": {"format": 1, "tasks": {"t": {"file": "eval_results_samples_t.jsonl"}}}}))
+    (out / "eval_results.json").write_text(json.dumps(  # two evaluations kept, each with its per-question file
+        {"samples": {"format": 1, "tasks": {"t": {"file": "eval_results_samples_t.jsonl"}}},
+         "evaluations": [{"samples": {"format": 1, "tasks": {"t": {"file": "eval_results_samples_t-1.jsonl"}}}}]}))
     (out / "eval_results_samples_t.jsonl").write_text("{}\n")
+    (out / "eval_results_samples_t-1.jsonl").write_text("{}\n")
     (out / ".metrics.csv.abc123.tmp").write_text("half")
     mine = {"notes.txt": "my notes", "data.jsonl": "{}\n", "other/keep.txt": "x"}
     for name, text in mine.items():
@@ -194,6 +196,7 @@ def test_overwrite_removes_only_the_previous_run(assets, reference, tmp_path):
     assert {"checkpoint-4", "checkpoint-5", "checkpoint-6", "run.json", "metrics.csv", "adapter_config.json",
             "adapter_model.safetensors", "training_args.bin", "README.md", "tokenizer.json", "tokenizer_config.json",
             "runs/Dec07_10-00-00_host", "eval_results.json", "eval_results_samples_t.jsonl",
+            "eval_results_samples_t-1.jsonl",
             ".metrics.csv.abc123.tmp"} == removed
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(mine)
     assert not (out / "runs").exists()  # emptied by the removal of the run's own log folder

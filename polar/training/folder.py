@@ -140,7 +140,8 @@ def clear_run(folder: Path) -> list[Path]:
     * ``README.md`` only when it is PEFT's untouched model card (:func:`is_peft_model_card`);
     * the TensorBoard log folders its run.json names (each attempt's ``"logging_dir"``; and ``runs/`` if that
       leaves it empty);
-    * polar eval's results of the replaced adapter: ``eval_results.json`` and the per-question files it lists.
+    * polar eval's results of the replaced adapter: ``eval_results.json`` and the per-question files it lists (of
+      every evaluation it keeps), which would otherwise be read as results of the new adapter.
 
     Every other file and folder is kept (a README.md of your own, a ``runs/`` folder the run did not write, data).
     Returns the paths removed.
@@ -165,13 +166,12 @@ def clear_run(folder: Path) -> list[Path]:
     outputs = previous.get("outputs")
     files += [p for p in (_inside(folder, n) for n in outputs) if p is not None] if isinstance(outputs, list) else []
     files += [p for name in RUN_FILES for p in folder.glob(f".{name}.*.tmp")]
-    from polar.evaluation import RESULTS_NAME
+    from polar.evaluation import RESULTS_NAME, listed_sample_files
 
     results = folder / RESULTS_NAME
-    if results.is_file():
-        listed = (_read_json(results).get("samples") or {}).get("tasks") or {}
-        files += [p for entry in listed.values() if isinstance(entry, dict)
-                  for p in [_inside(folder, entry.get("file"))] if p is not None and p.parent == folder]
+    if results.is_file():  # with the per-question files of every evaluation it lists
+        files += [p for p in (_inside(folder, n) for n in listed_sample_files(_read_json(results)))
+                  if p is not None and p.parent == folder]
         files.append(results)
     if (folder / "README.md").is_file() and is_peft_model_card(folder / "README.md"):
         files.append(folder / "README.md")
