@@ -119,9 +119,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", action="store_const", const=True, help="allow custom model code")
 
     g = p.add_argument_group("run")
-    g.add_argument("--overwrite", action="store_const", const=True, help="replace a run in --output-dir")
+    g.add_argument("--overwrite", action="store_const", const=True,
+                   help="replace the run in --output-dir: removes what polar train wrote there (checkpoints, adapter, "
+                   "tokenizer files, run.json, metrics, PEFT's generated README.md, the run's TensorBoard logs) and "
+                   "polar eval's results of that adapter; keeps every other file")
     g.add_argument("--resume", nargs="?", const=True, type=_bool_or_path,
-                   help="continue from the last checkpoint in --output-dir (or from the given checkpoint folder)")
+                   help="continue from the newest complete checkpoint in --output-dir, naming any incomplete one "
+                   "passed over (or from the given checkpoint folder)")
     g.add_argument("--logging-steps", type=int, help="log every N steps (default 10)")
     g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 500)")
     g.add_argument("--save-total-limit", type=int, help="keep at most N checkpoints (default 2)")
