@@ -49,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # One line, whatever the library wrote: scripts and logs read the error as a single record.
         message = re.sub(r"\s*\n\s*", " ", str(err).strip())
-        print(f"polar {args.command}: error: {message}", file=sys.stderr)
+        line = f"polar {args.command}: error: {message}"
+        if "tqdm" in sys.modules:  # a progress bar may be open on stderr: tqdm.write puts the line below it
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
         return 2
 
 
