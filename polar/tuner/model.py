@@ -7,7 +7,7 @@ import numbers
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal, Optional
 
@@ -34,6 +34,16 @@ def _is_supported(layer: nn.Module) -> bool:
         return True
     backend = resolve_quantization_backend(layer)
     return backend is not None and backend.layer_type == "linear"
+
+
+@dataclass(frozen=True)
+class _WeightedPlan:
+    """What add_weighted_adapter will add: per module (name in the base model) its terms and rank, a tensor whose
+    device and dtype the new factors take, and the new adapter's config."""
+
+    modules: dict[str, tuple[list[Term], int]]
+    like: dict[str, torch.Tensor]
+    config: PolarConfig
 
 
 class PolarModel(BaseTuner):
@@ -136,26 +146,27 @@ class PolarModel(BaseTuner):
         """
         plan = self._plan_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank, theta,
                                            svd_clamp, density)
-        theta_kind = plan["theta"]
-        layers: dict[str, PolarLayer] = dict(iter_polar_layers(self.model))
-        results: dict[str, Factors] = {}
-        for name, (terms, rank) in plan["modules"].items():
-            results[name] = combine(terms, combination_type, rank, theta_kind, svd_driver=svd_driver)
+        results: dict[str, Factors] = {
+            name: combine(terms, combination_type, rank, plan.config.theta, svd_driver=svd_driver)
+            for name, (terms, rank) in plan.modules.items()
+        }
         # Everything is computed before the model is touched; from here a failure removes the half-added adapter.
-        self.peft_config[adapter_name] = plan["config"]
+        self.peft_config[adapter_name] = plan.config
         try:
             self.inject_adapter(self.model, adapter_name)
+            layers = {name: layer for name, layer in iter_polar_layers(self.model) if adapter_name in layer.polar_X}
+            got = {name: layer.r[adapter_name] for name, layer in layers.items()}
+            wanted = {name: factors.x.shape[1] for name, factors in results.items()}
+            if got != wanted:  # the config's target_modules / rank_pattern must reproduce exactly these modules
+                raise RuntimeError(
+                    f"add_weighted_adapter: the new config gave the modules and ranks {got} instead of {wanted}; "
+                    "please report this."
+                )
             with torch.no_grad():
                 for name, factors in results.items():
-                    layer = layers[name]
-                    if layer.r.get(adapter_name) != factors.x.shape[1]:
-                        raise RuntimeError(
-                            f"add_weighted_adapter: module '{name}' got rank {layer.r.get(adapter_name)} from the new "
-                            f"config instead of {factors.x.shape[1]}; please report this."
-                        )
-                    like = plan["like"][name]
-                    for store, value in ((layer.polar_X, factors.x), (layer.polar_Y, factors.y),
-                                         (layer.polar_theta, factors.theta)):
+                    like = plan.like[name]  # the new factors take the first source's device and dtype
+                    for store, value in ((layers[name].polar_X, factors.x), (layers[name].polar_Y, factors.y),
+                                         (layers[name].polar_theta, factors.theta)):
                         store[adapter_name].data = value.to(device=like.device, dtype=like.dtype).contiguous()
                 self._combine_modules_to_save(adapters, weights, adapter_name)
         except BaseException:
@@ -178,7 +189,7 @@ class PolarModel(BaseTuner):
         theta: Optional[str],
         svd_clamp: Optional[float],
         density: Optional[float],
-    ) -> dict[str, Any]:
+    ) -> _WeightedPlan:
         """Check the arguments and work out each module's terms and rank, and the new config (nothing changed)."""
         where = "add_weighted_adapter"
         if not isinstance(adapter_name, str) or not adapter_name:
@@ -298,7 +309,7 @@ class PolarModel(BaseTuner):
             init_weights=True,
             bias="none",
         )
-        return {"modules": modules, "like": like, "theta": theta_kind, "config": config}
+        return _WeightedPlan(modules=modules, like=like, config=config)
 
     def _combine_modules_to_save(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
         """Each ``modules_to_save`` copy of the new adapter = W₀ + Σ wᵢ (Wᵢ − W₀), the same weighted sum of updates."""
