@@ -314,3 +314,28 @@ def test_a_write_failing_midway_leaves_the_earlier_file_whole(tmp_path, monkeypa
         polar.export_gguf(adapter_dir, out, overwrite=True, outtype="f16")
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "adapter", "base"]
+
+
+def test_qwen2_base_gets_its_architecture_and_no_row_reordering(tmp_path):
+    """llama.cpp converts Qwen2 weights without the Llama q/k reordering: lora_b keeps the Hugging Face row order."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base_dir, adapter_dir = tmp_path / "qwen2", tmp_path / "adapter"
+    Qwen2ForCausalLM(config).save_pretrained(base_dir)
+    model = get_peft_model(Qwen2ForCausalLM(config), polar.PolarConfig(
+        r=4, target_modules=["q_proj", "k_proj", "down_proj"], rank_pattern={"k_proj": 2}))
+    randomize_theta(model)
+    model.save_pretrained(adapter_dir)
+    result = polar.export_gguf(adapter_dir, tmp_path / "q.gguf", base=str(base_dir))
+    fields, _ = _read(result.path)
+    assert fields["general.architecture"] == "qwen2" and result.architecture == "qwen2"
+    got = _gguf_deltas(result.path)
+    assert sorted(got) == [f"blk.{i}.{t}.weight" for i in range(2) for t in ("attn_k", "attn_q", "ffn_down")]
+    for name, module, scale in (("blk.0.attn_q.weight", "q_proj", 16 / 4), ("blk.1.attn_k.weight", "k_proj", 16 / 2)):
+        layer = getattr(model.base_model.model.model.layers[int(name[4])].self_attn, module)
+        x, y, theta = (p["default"].detach().double() for p in (layer.polar_X, layer.polar_Y, layer.polar_theta))
+        want = (scale * x @ theta @ y.T).numpy()
+        assert np.allclose(got[name], want, atol=1e-6 * np.abs(want).max()), name
