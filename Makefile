@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 LOCK ?= constraints/newest.txt
 UPGRADE_FLAGS ?=
 
-.PHONY: test demo peft-conformance test-oldest test-newest lock clean
+.PHONY: test demo peft-conformance gguf-check test-oldest test-newest lock clean
 
 # One stamp per extra, so `make demo` installs only what the demo needs.
 $(VENV)/.installed-%: pyproject.toml $(LOCK)
@@ -24,6 +24,19 @@ test: $(VENV)/.installed-dev
 # cached in .cache/) with PoLAR's rows: conformance/run_peft.py. Needs the package index; `make test` does not.
 peft-conformance: $(VENV)/.installed-conformance
 	$(BIN)/python conformance/run_peft.py
+
+# `polar export --format gguf` against a real llama.cpp (benchmarks/gguf_llamacpp_check.py): llama-cpp-python built
+# from its source distribution, whose vendored convert_hf_to_gguf.py makes the f32 base GGUFs. Needs the package
+# index; `make test` does not.
+LLAMA_CPP_SRC := .cache/llama_cpp_python-0.3.36
+gguf-check: $(VENV)/.installed-dev
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(BIN)/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) -e '.[llamacpp]'
+	test -d $(LLAMA_CPP_SRC)/vendor/llama.cpp || { \
+		$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .cache/sdist && \
+		tar xzf .cache/sdist/llama_cpp_python-0.3.36.tar.gz -C .cache; }
+	$(BIN)/python benchmarks/gguf_llamacpp_check.py --llama-cpp-src $(LLAMA_CPP_SRC)/vendor/llama.cpp \
+		--work .cache/gguf-check --trap
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/polar demo

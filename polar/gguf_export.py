@@ -82,7 +82,7 @@ def _gguf_package():
         import gguf
     except ImportError as err:
         raise ImportError(f"{COMMAND} needs the 'gguf' package: pip install gguf "
-                          "(or pip install 'polar-peft[smollm]')") from err
+                          "(or pip install 'polar-peft[gguf]')") from err
     return gguf
 
 

@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError) as err:
-        # The library's errors are written for users: show them without a traceback (POLAR_DEBUG=1 to see it).
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        # The library's errors are written for users (an ImportError names the extra to install): show them without
+        # a traceback (POLAR_DEBUG=1 to see it).
         if os.environ.get("POLAR_DEBUG"):
             raise
         # One line, whatever the library wrote: scripts and logs read the error as a single record.
