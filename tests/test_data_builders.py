@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,29 @@ def test_math_task_from_local_metamath_file(tmp_path):
     examples = load_examples(spec, data_file=str(path), template="alpaca")
     assert examples[0] == Example(format_prompt("What is 2+3?", "", "alpaca"), "2+3=5. The answer is: 5")
     assert len(load_examples(spec, data_file=str(path), limit=1)) == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("r: [1, 2\nalpha: 3\n", r"is not readable YAML \(line 2\)"),
+        ("- r\n- alpha\n", "expected a mapping of settings, got list"),
+        ("r: 4\nadapter_overrides: [polar]\n", "adapter_overrides must map an adapter name"),
+        ("r: 4\nadapter_overrides:\n  lora: 3\n", "adapter_overrides must map an adapter name"),
+    ],
+)
+def test_a_malformed_recipe_is_one_line_naming_the_file(tmp_path, capsys, text, message):
+    from polar.cli import main
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--task", "boolq", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(recipe) in err and re.search(message, err), err
+    assert not out.exists()
+    from polar.recipes import load_recipe
+
+    recipe.write_bytes(b"r: \xff\xfe\n")
+    with pytest.raises(ValueError, match="is not readable YAML"):
+        load_recipe(recipe)

@@ -42,11 +42,23 @@ def load_recipe(name_or_path: str | Path, adapter: str | None = None, valid_keys
     import yaml
 
     path = recipe_path(name_or_path)
-    with path.open(encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(
+            f"recipe {str(path)!r} is not readable YAML{line}: {str(err).splitlines()[0]}. Fix the file, or start "
+            f"from a shipped recipe ({', '.join(list_recipes())})."
+        ) from err
     if not isinstance(data, dict):
         raise ValueError(f"recipe {str(path)!r}: expected a mapping of settings, got {type(data).__name__}.")
     overrides = data.pop("adapter_overrides", None) or {}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ValueError(
+            f"recipe {str(path)!r}: adapter_overrides must map an adapter name (polar, lora, dora) to a mapping of "
+            f"settings, got {overrides!r}."
+        )
     for key in INFO_KEYS:
         data.pop(key, None)
     chosen = adapter or data.get("adapter")
