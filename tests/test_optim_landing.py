@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import polar
-from polar.optim.ablations import penalty_field_from_grams, safe_step_size
+from polar.optim.ablations import penalty_field_from_grams
 from polar.optim.landing import landing_field, landing_field_from_grams
 from polar.optim.stabilize import reorthonormalize_factors
 from polar.optim.stiefel import Stiefel, orthogonality_error, retract
@@ -178,16 +178,6 @@ def test_retractions() -> None:
     U, _, Vh = torch.linalg.svd(X, full_matrices=False)
     torch.testing.assert_close(P, U @ Vh, rtol=0, atol=1e-10)
     assert P.is_contiguous()
-
-
-def test_safe_step_formula() -> None:
-    lam, d, g, eps = 0.5, torch.tensor(0.2, dtype=D), torch.tensor(3.0, dtype=D), 0.5
-    a = lam * 0.2 * 0.8
-    want = (a + (a * a + 9.0 * 0.3) ** 0.5) / 9.0
-    torch.testing.assert_close(safe_step_size(lam, d, g, eps), torch.tensor(min(want, 1 / (2 * lam)), dtype=D))
-    # tiny field → capped at 1 / (2λ)
-    torch.testing.assert_close(safe_step_size(lam, d, torch.tensor(1e-9, dtype=D)), torch.tensor(1.0, dtype=D))
-    # the guarantee from starts inside ε is tested in test_optim_modes.py
 
 
 @pytest.mark.parametrize("diagonal", [False, True])

@@ -15,7 +15,7 @@ import transformers
 import polar
 from polar import PolarConfig
 from polar.optim import LandingAdamW, make_optimizer, orthogonality_error
-from polar.optim.ablations import safe_fraction, safe_step_size
+from polar.optim.ablations import safe_fraction
 from polar.optim.landing import landing_field
 from polar.optim.stiefel import retract
 from polar.optim.trainer import drift_advice
@@ -189,6 +189,19 @@ def _start_at_distance(n: int, p: int, d: float, seed: int) -> torch.Tensor:
     return Q * (1 + d * delta / delta.norm()).sqrt()
 
 
+def _safe_step_size(lam: float, dist: torch.Tensor, field_norm: torch.Tensor, eps: float = 0.5) -> torch.Tensor:
+    """The landing papers' safe step η*(d, g) for a plain landing step ``X ← X − η Λ`` (the reference that
+    :func:`safe_fraction` improves on; not part of the library)::
+
+        η* = [λ d (1 − d) + sqrt(λ² d² (1 − d)² + max(g² (eps − d), 0))] / g²,   capped at 1 / (2 λ),
+
+    with d = ‖XᵀX − I‖_F and g = ‖Λ‖_F."""
+    a = lam * dist * (1.0 - dist)
+    g2 = field_norm.square()
+    eta = (a + (a.square() + torch.clamp(g2 * (eps - dist), min=0.0)).sqrt()) / g2
+    return torch.clamp(eta, max=0.5 / lam)
+
+
 def test_safe_step_size_guarantee_from_starts_inside_eps() -> None:
     """The landing papers' η*: from d < ε a plain landing step X − η* Λ stays within ε (every case runs)."""
     lam, eps = 0.5, 0.5
@@ -198,7 +211,7 @@ def test_safe_step_size_guarantee_from_starts_inside_eps() -> None:
         assert float(dist) == pytest.approx(d, rel=1e-9)
         G = 10 * torch.randn(60, 5, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
         F = landing_field(X, G, lam)
-        eta = safe_step_size(lam, dist, F.norm(), eps)
+        eta = _safe_step_size(lam, dist, F.norm(), eps)
         assert float(orthogonality_error(X - eta * F)) <= eps + 1e-12
         assert float(orthogonality_error(X - 50 * eta * F)) > eps  # the bound is not vacuous
 

@@ -53,7 +53,7 @@ def _as_float(t: torch.Tensor, device: Optional[torch.device] = None) -> torch.T
     return t.to(_DTYPE)
 
 
-def _theta_matrix(core: Optional[torch.Tensor], r_left: int, r_right: int) -> Optional[torch.Tensor]:
+def _theta_matrix(core: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if core is None:
         return None
     if core.ndim == 1:
@@ -82,7 +82,7 @@ def core_matrix(
     device = left.device
     left = _as_float(left)
     right = _as_float(right, device)
-    c = _theta_matrix(_as_float(core, device) if core is not None else None, left.shape[1], right.shape[1])
+    c = _theta_matrix(_as_float(core, device) if core is not None else None)
     if c is not None and (c.shape[0] != left.shape[1] or c.shape[1] != right.shape[1]):
         raise ValueError(
             f"core of shape {tuple(c.shape)} does not fit factors of shapes {tuple(left.shape)} and {tuple(right.shape)}"
@@ -149,7 +149,6 @@ class SpectrumStats:
     effective_rank: float
     fro_norm: float
     spectral_norm: float
-    fro_norm_exact: bool = True  # False when the spectrum was truncated and ‖·‖_F could not be recovered
 
 
 def spectrum_stats(singular_values: torch.Tensor, fro_norm: Optional[float] = None) -> SpectrumStats:
@@ -185,6 +184,6 @@ def row_embedding(
         left = left[rows.to(left.device)]
     right = _as_float(right, device)
     r_right = torch.linalg.qr(right, mode="r").R
-    c = _theta_matrix(_as_float(core, device) if core is not None else None, left.shape[1], right.shape[1])
+    c = _theta_matrix(_as_float(core, device) if core is not None else None)
     e = left if c is None else left @ c
     return (e @ r_right.T).cpu()

@@ -16,7 +16,7 @@ from .landing import normal_coefficient
 from .modes import Mode, PostStep, lambda_advice, register_mode, register_post_step
 from .stiefel import Grams
 
-__all__ = ["penalty_field_from_grams", "safe_fraction", "safe_step_size"]
+__all__ = ["penalty_field_from_grams", "safe_fraction"]
 
 
 def penalty_field_from_grams(
@@ -28,22 +28,6 @@ def penalty_field_from_grams(
     if Gc.ndim == 3:
         return torch.baddbmm(Gc, Xc, coef, out=out) if out is not None else torch.baddbmm(Gc, Xc, coef)
     return torch.addmm(Gc, Xc, coef, out=out) if out is not None else torch.addmm(Gc, Xc, coef)
-
-
-def safe_step_size(lam: float | torch.Tensor, dist: torch.Tensor, field_norm: torch.Tensor, eps: float = 0.5) -> torch.Tensor:
-    """Landing papers' safe step η*(d, g) that keeps ``‖XᵀX − I‖_F ≤ eps`` after ``X ← X − η Λ``::
-
-        η* = [λ d (1 − d) + sqrt(λ² d² (1 − d)² + max(g² (eps − d), 0))] / g²,   capped at 1 / (2 λ),
-
-    with d = ‖XᵀX − I‖_F and g = ‖Λ‖_F (tensors of equal shape). ``g = 0`` gives the cap (``+inf`` for λ = 0).
-    """
-    lam_t = torch.as_tensor(lam, dtype=dist.dtype, device=dist.device)
-    a = lam_t * dist * (1.0 - dist)
-    g2 = field_norm.square()
-    disc = a.square() + torch.clamp(g2 * (eps - dist), min=0.0)
-    eta = (a + disc.sqrt()) / g2.clamp_min(torch.finfo(dist.dtype).tiny)
-    cap = torch.where(lam_t > 0, 0.5 / lam_t.clamp_min(torch.finfo(dist.dtype).tiny), torch.full_like(lam_t, float("inf")))
-    return torch.minimum(eta, cap)
 
 
 def safe_fraction(xtx: torch.Tensor, xtd: torch.Tensor, dtd: torch.Tensor, eps: float = 0.5, iters: int = 40) -> torch.Tensor:

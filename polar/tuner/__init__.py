@@ -2,7 +2,7 @@
 
 from .config import PolarConfig, PolarPeftType
 from .layer import PolarLayer, PolarLinear
-from .model import PolarModel, delta_weights, iter_polar_layers, polar_config_of
+from .model import PolarModel, delta_weights, iter_polar_layers
 from .registration import register
 
 register()
@@ -15,5 +15,4 @@ __all__ = [
     "PolarPeftType",
     "delta_weights",
     "iter_polar_layers",
-    "polar_config_of",
 ]

@@ -96,15 +96,14 @@ class PolarLayer(BaseTunerLayer):
         self.polar_Y[adapter_name] = nn.Parameter(torch.empty(self.in_features, r))
         theta_shape = (r,) if config.theta == "diagonal" else (r, r)
         self.polar_theta[adapter_name] = nn.Parameter(torch.empty(theta_shape))
-        self.reset_polar_parameters(adapter_name, config.init, init_weights=config.init_weights)
+        self.reset_polar_parameters(adapter_name, init_weights=config.init_weights)
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def reset_polar_parameters(self, adapter_name: str, init: str = "orthogonal", init_weights: bool = True) -> None:
-        """X, Y random orthonormal; Θ = 0 (``init_weights=True``) or random with E‖ΔW‖_F = RANDOM_DELTA_NORM."""
-        if init != "orthogonal":
-            raise ValueError(f"Unknown PoLAR init {init!r}; supported: 'orthogonal'.")
+    def reset_polar_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """X, Y random orthonormal (``PolarConfig.init="orthogonal"``, the one scheme, validated by the config);
+        Θ = 0 (``init_weights=True``) or random with E‖ΔW‖_F = RANDOM_DELTA_NORM."""
         with torch.no_grad():
             # orthogonal_ yields contiguous tensors and works on the meta device (torch.linalg.qr does neither).
             nn.init.orthogonal_(self.polar_X[adapter_name])

@@ -403,15 +403,6 @@ def iter_polar_layers(model: nn.Module) -> Iterator[tuple[str, PolarLayer]]:
             yield name, module
 
 
-def polar_config_of(model: nn.Module, adapter_name: str) -> Optional[PolarConfig]:
-    """The ``PolarConfig`` of ``adapter_name`` in a PeftModel / PolarModel / transformers model, if any."""
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict):
-        config = configs.get(adapter_name)
-        return config if isinstance(config, PolarConfig) else None
-    return None
-
-
 def delta_weights(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """ΔW (out × in, ``nn.Linear`` orientation) of every PoLAR layer holding ``adapter_name``, keyed by module name."""
     return {
