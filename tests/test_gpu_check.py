@@ -50,12 +50,19 @@ def test_sections_at_tiny_size_write_one_results_file(tmp_path, one_thread):
     for r in b:
         measured = r["status"] == "info" and math.isfinite(r["ratio"]) and r["ratio"] > 0
         assert measured or (r["status"] == "skip" and r["reason"])
+        # only the fused AdamW may be missing from a build; the for-loop and foreach steps run on every CPU
+        assert measured or r["name"].endswith(tuple(f"_fused_{m}" for m in VALID_MODES)), r
+    assert sum(r["status"] == "info" for r in b) >= 4  # fp32 and bf16 × for-loop and foreach, at least
     assert all(r["factors"] == 4 + 1 for r in b if r["status"] == "info")  # 256/64 × 4096 + 64/64 × 11008
     # c: three adapters measured, and the stated PoLAR-vs-DoRA check present (its outcome is a timing)
     c = {r["name"]: r for r in _by(recs, "c")}
     assert {"Llama from config/PoLAR", "Llama from config/LoRA", "Llama from config/DoRA"} <= set(c)
     assert c["Llama from config/LoRA"]["step_vs_lora"] == 1.0 and c["Llama from config/PoLAR"]["peak_mem_MiB"] > 0
-    assert c["Llama from config/polar_vs_dora"]["status"] in ("pass", "fail")
+    # its outcome is a CPU timing, so not asserted; its verdict must follow from the figures it records
+    vs = c["Llama from config/polar_vs_dora"]
+    assert all(vs[k] > 0 for k in ("polar_s", "dora_s", "lora_s", "polar_peak_MiB", "dora_peak_MiB"))
+    wins = vs["polar_s"] <= vs["dora_s"] and vs["polar_peak_MiB"] <= vs["dora_peak_MiB"] * 1.02
+    assert vs["status"] == ("pass" if wins else "fail")
     # e: the injected inf step is skipped (factors and Adam state untouched, scale halved), the next one trains
     e = {r["name"]: r for r in _by(recs, "e")}
     assert e["inf_step_skipped"]["status"] == "pass" and e["inf_step_skipped"]["scale_after"] == 2048.0
