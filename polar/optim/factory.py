@@ -107,12 +107,20 @@ def make_optimizer(
     modes = set()
     for block, (adapter, slots) in enumerate(sorted(per_adapter.items())):
         config = _find_config(model, adapter)
-        if config is None and (mode is None or (MODES[mode].takes_lambda and landing_lambda is None)):
+        if config is None and (mode is None or (mode in MODES and MODES[mode].takes_lambda and landing_lambda is None)):
             raise ValueError(
                 f"make_optimizer: no PolarConfig found for adapter {adapter!r} to read optimizer_mode (and, for the "
                 "modes that use it, landing_lambda) from; pass mode=... (and landing_lambda=...) explicitly."
             )
         adapter_mode = mode if mode is not None else config.optimizer_mode
+        if mode is None and adapter_mode not in MODES:
+            # PolarConfig stores its mode as plain data (the tuner does not import the optimiser): a mode read from
+            # a config is checked here.
+            raise ValueError(
+                f"make_optimizer (adapter {adapter!r}): its PolarConfig.optimizer_mode={adapter_mode!r} is not a "
+                f"mode of this version; valid modes: {', '.join(MODES)}. Pass mode=... or set the config's "
+                "optimizer_mode to one of them."
+            )
         m = validate(adapter_mode, landing_lambda=landing_lambda, retraction=retraction, safe_step=safe_step,
                      stabilize_every=stabilize_every, who=f"make_optimizer (adapter {adapter!r})")
         modes.add(adapter_mode)

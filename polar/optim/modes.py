@@ -19,6 +19,10 @@ from typing import Any, Optional
 
 import torch
 
+# What ``make_optimizer`` / ``polar train`` use when nothing is given; defined in a leaf module that PolarConfig
+# also reads, so the tuner does not import the optimiser.
+from polar.optimizer_defaults import DEFAULT_LAMBDA, DEFAULT_MODE
+
 from .landing import landing_field_from_grams
 from .stiefel import RETRACTIONS, Grams, sym, tangent_projection
 
@@ -38,11 +42,7 @@ __all__ = [
     "validate",
 ]
 
-#: What ``make_optimizer`` / ``polar train`` use when nothing is given (BENCHMARKS.md, "Keeping the factors on the
-#: manifold", has the runs behind it). The paper's setting is ``mode="landing"`` with λ = 5e-3.
-DEFAULT_MODE = "riemannian"
 DEFAULT_RETRACTION = "polar"
-DEFAULT_LAMBDA = 5e-3  # the reference's λ, for the modes that use one
 
 #: ``(X, G, grams, lam, out) -> field`` on a batch ``k × n × r`` of local rows; ``grams`` holds the reduced
 #: ``xtx`` and ``gtx``; ``lam`` is λ with the sign that ``maximize`` asks for.

@@ -8,8 +8,10 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-# The optimiser's default mode, stored with each adapter so that make_optimizer reproduces it (one source).
-from polar.optim.modes import DEFAULT_LAMBDA, DEFAULT_MODE as DEFAULT_OPTIMIZER_MODE, MODES
+# The optimiser's default mode and λ, stored with each adapter so that make_optimizer reproduces them. Plain data
+# here: make_optimizer validates the mode, so the tuner never imports the optimiser and a config naming a mode this
+# version does not know still loads for inference.
+from polar.optimizer_defaults import DEFAULT_LAMBDA, DEFAULT_MODE as DEFAULT_OPTIMIZER_MODE
 
 THETA_KINDS = ("full", "diagonal")
 INIT_KINDS = ("orthogonal",)
@@ -53,6 +55,8 @@ class PolarConfig(PeftConfig):
             existed load with the default ``True``, which is what they were created with.
         optimizer_mode: How :func:`polar.make_optimizer` keeps X and Y orthonormal when it is not told
             otherwise (see ``LandingAdamW``'s ``mode``). The paper's is ``"landing"`` with ``landing_lambda=5e-3``.
+            Stored as plain data: :func:`polar.make_optimizer` refuses a name it does not know, so a config saved
+            with any mode loads for inference.
         landing_lambda: Strength λ of the landing field's normal term, read by :func:`polar.make_optimizer` for
             the ``"landing"`` and ``"penalty"`` modes (reference convention: no ½ on the skew part).
         fan_in_fan_out: Whether the model has layers storing their weight as (in, out), like GPT-2's ``Conv1D``.
@@ -137,11 +141,13 @@ class PolarConfig(PeftConfig):
                 f"got {self.init_weights!r}; the initialisation of X and Y is chosen with init= "
                 f"({', '.join(INIT_KINDS)})."
             )
-        if self.optimizer_mode not in MODES:
+        if not isinstance(self.optimizer_mode, str) or not self.optimizer_mode:
             raise ValueError(
-                f"PolarConfig: unknown optimizer_mode={self.optimizer_mode!r}; pass one of {', '.join(MODES)}."
+                f"PolarConfig: optimizer_mode must be the name of a LandingAdamW mode (e.g. 'riemannian', 'landing'), "
+                f"got {self.optimizer_mode!r}."
             )
-        if self.landing_lambda is None or self.landing_lambda < 0:
+        if (isinstance(self.landing_lambda, bool) or not isinstance(self.landing_lambda, numbers.Real)
+                or self.landing_lambda < 0):
             raise ValueError(
                 f"PolarConfig: landing_lambda must be ≥ 0, got {self.landing_lambda!r} "
                 "(the reference uses 5e-3; 1.0 holds the factors closer to orthonormal)."
