@@ -82,6 +82,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import append_row, read_rows, spread, verify_stable_ranks  # noqa: E402
+from polar.io import utc_timestamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lm_eval"
@@ -234,7 +235,7 @@ def run_cell(args: argparse.Namespace, tasks_dir: Path, task: str, adapter: str,
         "final_orth_error": summary["run"].get("final_orth_error") if adapter == "polar" else None,
         "seconds_per_step": float(summary["metrics"]["train_runtime"]) / steps,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "git": git_state(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": git_state(), "date": utc_timestamp(),
     }
 
 
@@ -357,7 +358,7 @@ def cmd_floor(args: argparse.Namespace) -> int:
         row = {"cell": cell, "model": args.model, "task": task, "adapter": "floor", "variant": None, "r": 0, "learning_rate": None,
                "seed": None, "steps": 0, "eval_limit": args.eval_limit, "metrics": metrics, "stable_ranks": None,
                "eval_seconds": time.perf_counter() - started, "git": git_state(),
-               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "date": utc_timestamp()}
         append_row(Path(args.results), row)
         print(f"{cell}: acc {metrics['acc']:.4f}, acc_norm {metrics.get('acc_norm', float('nan')):.4f}", flush=True)
     return 0

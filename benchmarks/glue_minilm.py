@@ -29,6 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import append_row, read_rows, spread, verify_stable_ranks  # noqa: E402
+from polar.io import utc_timestamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "glue"
@@ -149,7 +150,7 @@ def run_cell(args: argparse.Namespace, task: str, adapter: str, r: int, lr: floa
         if adapter == "polar"
         else None,
         "seconds_per_step": float(summary["metrics"]["train_runtime"]) / steps,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "date": utc_timestamp(),
     }
 
 

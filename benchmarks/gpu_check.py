@@ -54,7 +54,7 @@ from bench_landing import (  # noqa: E402
     nn_field, steady_bytes, svd_polar, sync, time_interleaved, timeit, transform_of, transient_peak_cpu,
 )
 
-from polar.io import atomic_write_text  # noqa: E402
+from polar.io import atomic_write_text, utc_timestamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the reference's commonsense recipe
@@ -499,7 +499,7 @@ def environment(ctx: Ctx, argv: list[str]) -> dict[str, Any]:
     name = torch.cuda.get_device_name(ctx.device) if ctx.cuda else f"{platform.processor() or 'CPU'}"
     return dict(device=ctx.device.type, device_name=name, threads=torch.get_num_threads(), mode=ctx.mode,
                 cuda=torch.version.cuda, versions=versions, command=" ".join(["benchmarks/gpu_check.py", *argv]),
-                started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                started=utc_timestamp())
 
 
 def run(argv: list[str] | None = None, sizes: dict[str, Any] | None = None) -> Results:

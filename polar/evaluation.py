@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import polar  # noqa: F401  (registers PoLAR with PEFT before any adapter is loaded)
 from polar.formats import ADAPTER_CONFIG, adapter_kind, adapter_weights_file, read_adapter_config
+from polar.io import utc_timestamp
 from polar.loading import is_connection_error, load_model_and_tokenizer, model_source, offline_model_error
 from polar.loading import package_versions
 from polar.third_party_notices import peft_checkpointing_alias_silenced
@@ -146,7 +147,7 @@ def evaluate(
         "settings": {"num_fewshot": num_fewshot, "batch_size": batch_size, "limit": limit,
                      "include_path": include_path, "device": device, "data_dir": str(data_dir) if data_dir else None},
         "versions": package_versions(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "date": utc_timestamp(),
         "seconds": round(time.time() - started, 2),
     }
     out = save_evaluation(target, evaluation, records)

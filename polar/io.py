@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -82,6 +83,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def utc_timestamp(seconds: Optional[float] = None) -> str:
+    """The one timestamp format of polar's records: ISO 8601 in UTC to the second, e.g. ``2026-12-07T17:40:48Z``
+    (``seconds`` since the epoch; now by default)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -68,6 +69,9 @@ def test_train_then_eval(assets, adapter, capsys):
     assert (out / "checkpoint-2").is_dir()
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["seed"] == 0 and run["global_step"] == 3
+    # polar.io.utc_timestamp's one format: it sorts as it reads
+    stamps = [run["started"], run["finished"]]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t) for t in stamps) and stamps == sorted(stamps)
     assert run["settings"]["adapter"] == adapter and run["settings"]["response_only_loss"] is True
     assert run["settings"]["learning_rate"] == (4e-3 if adapter == "polar" else 4e-4)
     if adapter == "polar":  # the default optimiser: printed at start, recorded in run.json and the adapter config

@@ -7,11 +7,10 @@ import dataclasses
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from polar.io import atomic_write_json
+from polar.io import atomic_write_json, utc_timestamp
 from polar.loading import package_versions
 
 from .callbacks import MetricsCSVCallback, make_callbacks
@@ -125,7 +124,7 @@ def _run(settings: TrainSettings, args: Any, spec: Any, resume_from: str | None,
         if is_main:  # the attempt is recorded as failed; the earlier attempts stay as they were
             status = "failed" if isinstance(err, Exception) else "interrupted"
             lines = str(err).strip().splitlines()
-            attempt.update(status=status, finished=_now(), global_step=trainer.state.global_step,
+            attempt.update(status=status, finished=utc_timestamp(), global_step=trainer.state.global_step,
                            error=type(err).__name__ + (f": {lines[0]}" if lines else ""))
             run_info.update(status=status, finished=attempt["finished"], error=attempt["error"])
             atomic_write_json(output_dir / "run.json", run_info)
@@ -142,7 +141,7 @@ def _finish_record(run_info: dict[str, Any], attempt: dict[str, Any], trainer: A
     # The names --overwrite may remove later (tokenizer files vary with the model; the rest are fixed names).
     names = {Path(f).name for f in written if Path(f).parent.resolve() == output_dir.resolve()}
     run_info["outputs"] = sorted(names | set(run_info.get("outputs", [])))
-    run_info.update(status="finished", finished=_now(), train_metrics=_jsonable(train_metrics),
+    run_info.update(status="finished", finished=utc_timestamp(), train_metrics=_jsonable(train_metrics),
                     global_step=trainer.state.global_step)
     attempt.update(status="finished", finished=run_info["finished"], global_step=trainer.state.global_step)
     orth = orthogonality_error(trainer.model) if polar_adapter else None
@@ -269,12 +268,8 @@ def _run_record(settings: TrainSettings, spec: Any, prepared: Any, world_size: i
         },
         "seed": settings.seed,
         "versions": package_versions(),
-        "started": _now(),
+        "started": utc_timestamp(),
     }
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _barrier() -> None:
