@@ -54,7 +54,7 @@ from bench_landing import (  # noqa: E402
     nn_field, steady_bytes, svd_polar, sync, time_interleaved, timeit, transform_of, transient_peak_cpu,
 )
 
-from polar.io import atomic_write_text, utc_timestamp  # noqa: E402
+from polar.io import atomic_write_text, json_safe, utc_timestamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the reference's commonsense recipe
@@ -86,7 +86,7 @@ class Results:
     def add(self, section: str, name: str, status: str, goal: str | None = None, **data: Any) -> dict[str, Any]:
         rec = {"section": section, "name": name, "status": status, **({"goal": goal} if goal else {}), **data}
         self.records.append(rec)
-        lines = [json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in self.records]
+        lines = [json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n" for r in self.records]
         atomic_write_text(self.path, "".join(lines))
         shown = {k: v for k, v in data.items() if k not in ("traceback",) and not isinstance(v, (list, dict))}
         print(f"[{section}] {status.upper():5s} {name}: " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()),
@@ -96,12 +96,6 @@ class Results:
     def check(self, section: str, name: str, ok: bool, goal: str, **data: Any) -> bool:
         self.add(section, name, "pass" if ok else "fail", goal, **data)
         return ok
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    return str(v)
 
 
 def _short(v: Any) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import polar  # noqa: F401  (registers PoLAR with PEFT before any adapter is loaded)
 from polar.formats import ADAPTER_CONFIG, adapter_kind, adapter_weights_file, read_adapter_config
-from polar.io import utc_timestamp
+from polar.io import json_safe, utc_timestamp
 from polar.loading import is_connection_error, load_model_and_tokenizer, model_source, offline_model_error
 from polar.loading import package_versions
 from polar.third_party_notices import peft_checkpointing_alias_silenced
@@ -277,7 +277,7 @@ def save_evaluation(target: str | Path, evaluation: dict[str, Any], records: dic
         history = earlier_evaluations(earlier)
         taken = set(listed_sample_files(earlier))
         evaluation = {**evaluation, "samples": write_samples(target, records, taken=taken)}
-        document = _clean(merge_evaluations([*history, evaluation]))
+        document = json_safe(merge_evaluations([*history, evaluation]))
         atomic_write_json(target, document)
     return document
 
@@ -308,14 +308,14 @@ def write_samples(results_path: str | Path, records: dict[str, list[dict[str, An
         first, k = path, 2
         while path.exists() or path.is_symlink() or path.name in taken:
             path, k = first.with_name(f"{first.stem}.{k}{first.suffix}"), k + 1
-        data = "".join(json.dumps(_clean(row), ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        data = "".join(json.dumps(json_safe(row), ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
         atomic_write_bytes(path, data)
         listed[task] = {"file": path.name, "n": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
     return {"format": SAMPLES_FORMAT, "tasks": listed}
 
 
 def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(json_safe(value), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def check_limit(limit: int | float | None) -> int | float | None:
@@ -336,22 +336,6 @@ def _is_lm_eval_name(task: str) -> bool:
     from polar.data import COMMONSENSE_TASKS
 
     return task in COMMONSENSE_TASKS or task.startswith("lm-eval:")
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe copy (NaN → null, sets → lists, objects → str)."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_clean(v) for v in value]
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
 
 
 # ---------------------------------------------------------------------------------------------- lm-eval

@@ -11,8 +11,10 @@ missing) and deletes every other leftover.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -81,8 +83,42 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_safe(value: Any) -> Any:
+    """The one JSON sanitiser of polar's records: a copy of ``value`` that is strict JSON (RFC 8259).
+
+    Non-finite floats become ``null`` (JSON has no NaN / Infinity); mapping keys become strings; tuples and lists
+    become lists, sets sorted lists; dataclasses their fields; tensors, arrays and their scalars (anything with
+    ``tolist()``) their values; other numbers (``Decimal``, ...) floats; anything else its ``str()``.
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        items = [json_safe(v) for v in value]
+        try:
+            return sorted(items)
+        except TypeError:  # mixed types: a stable order all the same
+            return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return json_safe(dataclasses.asdict(value))
+    if hasattr(value, "tolist"):  # torch / numpy arrays and scalars
+        return json_safe(value.tolist())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    try:
+        return json_safe(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """``data`` through :func:`json_safe`, indented, written atomically."""
+    return atomic_write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
 
 
 def utc_timestamp(seconds: Optional[float] = None) -> str:

@@ -18,6 +18,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_check  # noqa: E402  (a broken import must fail, not skip)
 
+from polar.io import json_safe  # noqa: E402
+
 TINY = dict(
     grid_ns=[256], grid_rs=[8], grid_target_s=0.0, set_scale=64, set_reps=1,
     train=dict(hidden=64, inter=128, layers=1, heads=2, kv=2, vocab=128, batch=1, seq=16, r=4, reps=1),
@@ -33,7 +35,7 @@ def test_sections_at_tiny_size_write_one_results_file(tmp_path, one_thread):
     out = tmp_path / "gpu_check.jsonl"
     res = gpu_check.run(["--device", "cpu", "--sections", "a,b,c,e,f", "--out", str(out)], sizes=TINY)
     recs = res.records
-    assert [json.loads(line) for line in out.read_text().splitlines()] == json.loads(json.dumps(recs, default=str))
+    assert [json.loads(line) for line in out.read_text().splitlines()] == json_safe(recs)
     assert recs[0]["name"] == "environment" and recs[0]["device"] == "cpu" and recs[0]["mode"] == "small"
     errors = [r for r in recs if r["status"] == "error"]
     assert not errors, errors[0].get("traceback")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import polar
 from polar.cli import main
-from polar.io import atomic_directory
+from polar.io import atomic_directory, atomic_write_json, json_safe
 from reference_checkpoints import write_reference_checkpoint
 from tiny_models import tiny_llama
 
@@ -425,3 +425,24 @@ def test_files_and_folders_are_fsynced(tmp_path, monkeypatch):
     synced.clear()
     polar.io.atomic_write_text(tmp_path / "f.txt", "y")
     assert any(p.endswith(".tmp") for p in synced) and str(tmp_path) in synced
+
+
+def test_json_records_are_strict_json(tmp_path: Path) -> None:
+    """polar.io.json_safe, the one sanitiser every JSON record goes through: no NaN / Infinity tokens (which
+    json.loads of other languages rejects), sets in a stable order, tensors as their values."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cell:
+        rank: float
+        tags: set
+
+    record = {"loss": float("nan"), "peak": float("inf"), 3: torch.tensor([1.0, float("-inf")]),
+              "cell": Cell(2.5, {"b", "a"}), "path": tmp_path, "step": torch.tensor(7)}
+    want = {"loss": None, "peak": None, "3": [1.0, None], "cell": {"rank": 2.5, "tags": ["a", "b"]},
+            "path": str(tmp_path), "step": 7}
+    assert json_safe(record) == want
+    path = atomic_write_json(tmp_path / "r.json", record)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == want

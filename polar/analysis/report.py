@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 import pandas as pd
 import torch
 
-from polar.io import atomic_write_text
+from polar.io import atomic_write_text, json_safe
 
 from polar.formats import AdapterSource, BaseWeights, ModuleDelta, iter_sources, read_source
 from .spectra import (
@@ -319,32 +319,18 @@ def format_summary(df: pd.DataFrame, value: str = "stable_rank") -> str:
 # files
 
 
-def _clean(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is pd.NA:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
-        return _clean(value.item())
-    return value
-
-
 def write_csv(df: pd.DataFrame, path: Union[str, os.PathLike]) -> Path:
     """The table as CSV; ``singular_values`` is JSON-encoded (``"[1.0, 0.5, ...]"``), missing values are empty."""
     out = df.copy()
     if "singular_values" in out:
-        out["singular_values"] = [json.dumps(_clean(list(v))) for v in out["singular_values"]]
+        out["singular_values"] = [json.dumps(json_safe(list(v)), allow_nan=False) for v in out["singular_values"]]
     return atomic_write_text(path, out.to_csv(index=False, float_format="%.10g"))
 
 
 def write_json(df: pd.DataFrame, path: Union[str, os.PathLike]) -> Path:
     """The table as JSON: ``{"format": "polar-analyze", "version": 1, "columns": [...], "notes": [...],
     "rows": [{column: value}, ...]}``; NaN / missing values are ``null``."""
-    rows = [{k: _clean(v) for k, v in rec.items()} for rec in df.to_dict(orient="records")]
+    rows = json_safe(df.astype(object).where(df.notna(), None).to_dict(orient="records"))  # pandas NA → None first
     doc = {
         "format": JSON_FORMAT,
         "version": JSON_VERSION,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from polar.io import atomic_write_json, utc_timestamp
+from polar.io import atomic_write_json, json_safe, utc_timestamp
 from polar.loading import package_versions
 
 from .callbacks import MetricsCSVCallback, make_callbacks
@@ -141,7 +141,7 @@ def _finish_record(run_info: dict[str, Any], attempt: dict[str, Any], trainer: A
     # The names --overwrite may remove later (tokenizer files vary with the model; the rest are fixed names).
     names = {Path(f).name for f in written if Path(f).parent.resolve() == output_dir.resolve()}
     run_info["outputs"] = sorted(names | set(run_info.get("outputs", [])))
-    run_info.update(status="finished", finished=utc_timestamp(), train_metrics=_jsonable(train_metrics),
+    run_info.update(status="finished", finished=utc_timestamp(), train_metrics=json_safe(train_metrics),
                     global_step=trainer.state.global_step)
     attempt.update(status="finished", finished=run_info["finished"], global_step=trainer.state.global_step)
     orth = orthogonality_error(trainer.model) if polar_adapter else None
@@ -263,7 +263,7 @@ def _run_record(settings: TrainSettings, spec: Any, prepared: Any, world_size: i
             "model_dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32",
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total_parameters": sum(p.numel() for p in model.parameters()),
-            "peft_config": _jsonable(prepared.peft_config.to_dict()),
+            "peft_config": json_safe(prepared.peft_config.to_dict()),
             "resumed_from": resume_from,
         },
         "seed": settings.seed,
@@ -277,7 +277,3 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))

@@ -5,18 +5,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 
-from polar.io import atomic_write_bytes
+from polar.io import atomic_write_bytes, atomic_write_json
 from polar.studies.canonical.problem import make_target, stable_rank
 from polar.studies.canonical.solvers import History, run_lora_gd, run_polar_landing, run_polar_rgd
 
@@ -347,19 +345,8 @@ def run_canonical(
         if plots:
             written += [f"canonical_{name}.{ext}" for name in ("convergence", "stable_rank") for ext in ("png", "svg")]
         summary["files"] = sorted(written)
-        atomic_write_bytes(
-            out / "canonical_summary.json",
-            (json.dumps(summary, indent=2, default=_json_default) + "\n").encode("utf-8"),
-        )
+        atomic_write_json(out / "canonical_summary.json", summary)
     return summary
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
-    return str(obj)
 
 
 def _span(values: Sequence[Optional[int]], iters: int) -> str:
