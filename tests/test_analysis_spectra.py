@@ -87,6 +87,8 @@ def test_rank_definitions() -> None:
     p = torch.tensor([0.75, 0.25], dtype=torch.float64)
     assert effective_rank([3.0, 1.0]) == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
     assert math.isnan(stable_rank([0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"singular values \(a vector\).*svdvals"):
+        stable_rank(torch.eye(3))  # a matrix is not its spectrum
     assert math.isnan(effective_rank([0.0, 0.0]))
     stats = spectrum_stats(torch.tensor([1.0, 2.0, 2.0]))
     assert stats.spectral_norm == pytest.approx(2.0)

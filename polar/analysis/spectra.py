@@ -114,8 +114,15 @@ def dense_singular_values(delta: torch.Tensor, top_k: Optional[int] = None) -> t
 
 
 def stable_rank(singular_values: torch.Tensor | Sequence[float]) -> float:
-    """‖ΔW‖_F² / ‖ΔW‖₂² = Σσᵢ²/σ₁²; NaN when ΔW = 0."""
+    """‖ΔW‖_F² / ‖ΔW‖₂² = Σσᵢ²/σ₁² from the singular values of ΔW (of a dense matrix W: ``torch.linalg.svdvals(W)``).
+
+    The one definition in polar (analysis, callback, canonical study). ΔW = 0 gives NaN, not 0: its stable rank is
+    undefined (0 / 0), and 0 would read as a measured value below the minimum of 1.
+    """
     s = torch.as_tensor(singular_values, dtype=_DTYPE)
+    if s.ndim > 1:
+        raise ValueError(f"stable_rank takes singular values (a vector), got shape {tuple(s.shape)}; "
+                         "for a matrix W pass torch.linalg.svdvals(W)")
     if s.numel() == 0:
         return math.nan
     top = float(s.max())
@@ -151,16 +158,13 @@ class SpectrumStats:
     spectral_norm: float
 
 
-def spectrum_stats(singular_values: torch.Tensor, fro_norm: Optional[float] = None) -> SpectrumStats:
-    """Stable rank, effective rank and norms from a (complete) spectrum.
-
-    ``fro_norm`` can be passed when the spectrum is truncated; stable rank then uses it (it needs only ‖·‖_F and σ₁).
-    """
+def spectrum_stats(singular_values: torch.Tensor) -> SpectrumStats:
+    """Stable rank, effective rank and norms from a complete spectrum (NaN ranks for ΔW = 0)."""
     s = torch.as_tensor(singular_values, dtype=_DTYPE).flatten()
     s, _ = torch.sort(s, descending=True)
     spectral = float(s[0]) if s.numel() else 0.0
-    fro = float(torch.linalg.vector_norm(s)) if fro_norm is None else float(fro_norm)
-    sr = (fro / spectral) ** 2 if spectral > 0 else math.nan
+    fro = float(torch.linalg.vector_norm(s))
+    sr = stable_rank(s)
     return SpectrumStats(
         singular_values=s,
         stable_rank=sr,

@@ -57,7 +57,7 @@ Everything is pure torch, float64, CPU and deterministic (explicit ``torch.Gener
 (landing field, QR and polar retractions, orthogonality error) are the library's own, from ``polar.optim.landing``,
 so the study exercises exactly what PoLAR trains with.
 
-Modules: ``problem`` (target, stable rank, manifold helpers), ``solvers`` (LoRA-GD, PoLAR-RGD, PoLAR-landing),
+Modules: ``problem`` (target, manifold helpers), ``solvers`` (LoRA-GD, PoLAR-RGD, PoLAR-landing),
 ``study`` (the step-size grid, seeds, tables, figures; ``polar canonical``).
 """
 
@@ -71,7 +71,6 @@ from polar.studies.canonical.problem import (
     relative_error,
     retract,
     riemannian_grad,
-    stable_rank,
 )
 from polar.studies.canonical.solvers import History, run_lora_gd, run_polar_landing, run_polar_rgd
 from polar.studies.canonical.study import (
@@ -104,5 +103,4 @@ __all__ = [
     "run_lora_gd",
     "run_polar_landing",
     "run_polar_rgd",
-    "stable_rank",
 ]

@@ -13,7 +13,7 @@ from polar.optim.stiefel import retract as stiefel_retract
 DTYPE = torch.float64
 
 __all__ = ["DTYPE", "haar_orthonormal", "landing_field", "make_target", "orth_error", "relative_error", "retract",
-           "riemannian_grad", "stable_rank", "target_subspaces"]
+           "riemannian_grad", "target_subspaces"]
 
 
 def haar_orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -38,14 +38,6 @@ def riemannian_grad(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 def orth_error(X: torch.Tensor) -> float:
     """``‖XᵀX − I‖_F`` as a float."""
     return float(orthogonality_error(X))
-
-
-def stable_rank(W: torch.Tensor) -> float:
-    """Stable rank ``‖W‖_F² / ‖W‖_2²`` (0 for the zero matrix)."""
-    spec = float(torch.linalg.matrix_norm(W, ord=2))
-    if spec == 0.0:
-        return 0.0
-    return float(torch.linalg.matrix_norm(W)) ** 2 / spec**2
 
 
 def relative_error(W: torch.Tensor, M: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
+from polar.analysis.spectra import stable_rank
 from polar.studies.canonical.problem import (
     DTYPE,
     haar_orthonormal,
@@ -16,7 +17,6 @@ from polar.studies.canonical.problem import (
     orth_error,
     retract,
     riemannian_grad,
-    stable_rank,
     target_subspaces,
 )
 
@@ -104,7 +104,7 @@ def _loop(
         last = (not finite) or err <= stop or t >= iters
         if finite and (t < 256 or t % record_every == 0 or last):
             hist.record_iters.append(t)
-            hist.stable_rank.append(stable_rank(W))
+            hist.stable_rank.append(stable_rank(torch.linalg.svdvals(W)))  # NaN while ΔW = 0
             if subspaces is not None:
                 U, V = subspaces
                 PW = W - U @ (U.mT @ W)

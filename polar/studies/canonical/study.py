@@ -15,7 +15,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from polar.io import atomic_write_bytes, atomic_write_json
-from polar.studies.canonical.problem import make_target, stable_rank
+from polar.analysis.spectra import stable_rank
+from polar.studies.canonical.problem import make_target
 from polar.studies.canonical.solvers import History, run_lora_gd, run_polar_landing, run_polar_rgd
 
 __all__ = ["DEFAULTS", "DEFAULT_STEP_GRID", "METHODS", "METHOD_LABELS", "SMALL", "format_table", "run_canonical"]
@@ -339,7 +340,7 @@ def run_canonical(
             ),
         )  # fmt: skip
         if plots:
-            target_sr = {k: stable_rank(make_target(m, n, target_rank, k, seeds[0])) for k in kappas}
+            target_sr = {k: stable_rank(torch.linalg.svdvals(make_target(m, n, target_rank, k, seeds[0]))) for k in kappas}
             _plot(out, histories, kappas, seeds, tol, target_sr, target_rank, m, n, rank)
         written = ["canonical_grid.csv", "canonical_curves.csv", "canonical_summary.json"]
         if plots:
