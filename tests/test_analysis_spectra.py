@@ -12,7 +12,7 @@ from polar.analysis.spectra import (
     dense_singular_values,
     effective_rank,
     factored_singular_values,
-    orthogonality_error,
+    orthogonality_error_fp64,
     row_embedding,
     spectrum_stats,
     stable_rank,
@@ -96,11 +96,11 @@ def test_rank_definitions() -> None:
     assert stats.stable_rank == pytest.approx(9 / 4)
 
 
-def test_orthogonality_error() -> None:
+def test_orthogonality_error_fp64() -> None:
     gen = torch.Generator().manual_seed(5)
     q = _orthonormal(40, 6, gen)
-    assert orthogonality_error(q) < 1e-12
-    assert orthogonality_error(2 * q) == pytest.approx(3 * math.sqrt(6))
+    assert orthogonality_error_fp64(q) < 1e-12
+    assert orthogonality_error_fp64(2 * q) == pytest.approx(3 * math.sqrt(6))
 
 
 def test_row_embedding_preserves_row_geometry() -> None:

@@ -23,7 +23,7 @@ from .report import (
 from .spectra import (
     effective_rank,
     factored_singular_values,
-    orthogonality_error,
+    orthogonality_error_fp64,
     stable_rank,
 )
 
@@ -39,7 +39,7 @@ __all__ = [
     "factored_singular_values",
     "format_summary",
     "load_sources",
-    "orthogonality_error",
+    "orthogonality_error_fp64",
     "read_model",
     "read_path",
     "read_source",

@@ -34,7 +34,7 @@ logger = logging.get_logger(__name__)
 from polar.formats import AdapterFormatError, compile_regex, read_model
 from polar.io import atomic_write_text
 from .report import SPECTRAL_COLUMNS, layer_and_suffix, module_types
-from .spectra import factored_singular_values, dense_singular_values, orthogonality_error, spectrum_stats
+from .spectra import factored_singular_values, dense_singular_values, orthogonality_error_fp64, spectrum_stats
 
 __all__ = ["StableRankCallback", "CSV_COLUMNS", "measure", "truncate_csv"]
 
@@ -96,8 +96,8 @@ def measure(
                 "effective_rank": stats.effective_rank,
                 "fro_norm": stats.fro_norm,
                 "spectral_norm": stats.spectral_norm,
-                "orth_error_x": orthogonality_error(md.left) if md.orthonormal_factors else math.nan,
-                "orth_error_y": orthogonality_error(md.right) if md.orthonormal_factors else math.nan,
+                "orth_error_x": orthogonality_error_fp64(md.left) if md.orthonormal_factors else math.nan,
+                "orth_error_y": orthogonality_error_fp64(md.right) if md.orthonormal_factors else math.nan,
             }
         )
     return out

@@ -18,7 +18,7 @@ from polar.formats import AdapterSource, BaseWeights, ModuleDelta, iter_sources,
 from .spectra import (
     dense_singular_values,
     factored_singular_values,
-    orthogonality_error,
+    orthogonality_error_fp64,
     spectrum_stats,
 )
 
@@ -117,8 +117,8 @@ def module_stats(md: ModuleDelta, top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
         "effective_rank": stats.effective_rank,
         "fro_norm": stats.fro_norm,
         "spectral_norm": stats.spectral_norm,
-        "orth_error_x": orthogonality_error(md.left) if md.orthonormal_factors else math.nan,
-        "orth_error_y": orthogonality_error(md.right) if md.orthonormal_factors else math.nan,
+        "orth_error_x": orthogonality_error_fp64(md.left) if md.orthonormal_factors else math.nan,
+        "orth_error_y": orthogonality_error_fp64(md.right) if md.orthonormal_factors else math.nan,
     }
     values = [float(v) for v in stats.singular_values[:keep]]
     for i in range(top_k):

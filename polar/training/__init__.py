@@ -38,7 +38,7 @@ from .settings import (
     optimizer_options,
     resolve_settings,
 )
-from .setup import build_peft_config, orthogonality_error
+from .setup import build_peft_config, max_orthogonality_error
 
 __all__ = [
     "ADAPTERS",
@@ -56,8 +56,8 @@ __all__ = [
     "describe_optimizer",
     "find_resumable",
     "last_checkpoint",
+    "max_orthogonality_error",
     "optimizer_options",
-    "orthogonality_error",
     "resolve_settings",
     "resume_plan",
     "run_in_folder",

@@ -23,7 +23,7 @@ from .checkpoints import (
 )
 from .folder import clear_run, own_readme_kept, resume_plan, run_in_folder
 from .settings import TrainSettings, resolve_settings
-from .setup import model_dtype, orthogonality_error, prepare, trainer_setup, training_arguments
+from .setup import max_orthogonality_error, model_dtype, prepare, trainer_setup, training_arguments
 
 
 def train(**kwargs: Any) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def _finish_record(run_info: dict[str, Any], attempt: dict[str, Any], trainer: A
     run_info.update(status="finished", finished=utc_timestamp(), train_metrics=json_safe(train_metrics),
                     global_step=trainer.state.global_step)
     attempt.update(status="finished", finished=run_info["finished"], global_step=trainer.state.global_step)
-    orth = orthogonality_error(trainer.model) if polar_adapter else None
+    orth = max_orthogonality_error(trainer.model) if polar_adapter else None
     if orth is not None:
         run_info["final_orth_error"] = orth
         from polar.optim.trainer import unwrap_landing_optimizer

@@ -216,8 +216,9 @@ def trainer_setup(settings: TrainSettings) -> tuple[Any, dict[str, Any], str]:
     return Trainer, {}, "adamw"
 
 
-def orthogonality_error(model: Any) -> float | None:
-    """max ‖XᵀX − I‖_F over the PoLAR factors of ``model`` (None when it has none)."""
+def max_orthogonality_error(model: Any) -> float | None:
+    """A model's maximum of ‖XᵀX − I‖_F over its PoLAR factors (None when it has none), each by the per-factor
+    kernel :func:`polar.optim.stiefel.orthogonality_error`."""
     from polar.optim.stiefel import orthogonality_error as factor_error
     from polar.tuner import iter_polar_layers
 

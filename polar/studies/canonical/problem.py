@@ -7,12 +7,12 @@ import math
 import torch
 
 from polar.optim.landing import landing_field
-from polar.optim.stiefel import Stiefel, orthogonality_error, riemannian_gradient
+from polar.optim.stiefel import Stiefel, riemannian_gradient
 from polar.optim.stiefel import retract as stiefel_retract
 
 DTYPE = torch.float64
 
-__all__ = ["DTYPE", "haar_orthonormal", "landing_field", "make_target", "orth_error", "relative_error", "retract",
+__all__ = ["DTYPE", "haar_orthonormal", "landing_field", "make_target", "relative_error", "retract",
            "riemannian_grad", "target_subspaces"]
 
 
@@ -33,11 +33,6 @@ def retract(Z: torch.Tensor, kind: str) -> torch.Tensor:
 def riemannian_grad(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Riemannian gradient on St(n, p), embedded metric: ``G − X sym(XᵀG)`` (the optimiser's kernel)."""
     return riemannian_gradient(X, G)
-
-
-def orth_error(X: torch.Tensor) -> float:
-    """``‖XᵀX − I‖_F`` as a float."""
-    return float(orthogonality_error(X))
 
 
 def relative_error(W: torch.Tensor, M: torch.Tensor) -> float:

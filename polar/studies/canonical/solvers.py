@@ -9,12 +9,11 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
-from polar.analysis.spectra import stable_rank
+from polar.analysis.spectra import orthogonality_error_fp64, stable_rank
 from polar.studies.canonical.problem import (
     DTYPE,
     haar_orthonormal,
     landing_field,
-    orth_error,
     retract,
     riemannian_grad,
     target_subspaces,
@@ -223,7 +222,7 @@ def run_polar_rgd(
     return _loop(
         hist, M, iters, tol, stop_below, record_every, subspaces,
         lambda: state["X"] @ state["T"] @ state["Y"].mT, step,
-        lambda: max(orth_error(state["X"]), orth_error(state["Y"])),
+        lambda: max(orthogonality_error_fp64(state["X"]), orthogonality_error_fp64(state["Y"])),
     )  # fmt: skip
 
 
@@ -260,5 +259,5 @@ def run_polar_landing(
     return _loop(
         hist, M, iters, tol, stop_below, record_every, subspaces,
         lambda: state["X"] @ state["T"] @ state["Y"].mT, step,
-        lambda: max(orth_error(state["X"]), orth_error(state["Y"])),
+        lambda: max(orthogonality_error_fp64(state["X"]), orthogonality_error_fp64(state["Y"])),
     )  # fmt: skip
