@@ -33,8 +33,7 @@ logger = logging.get_logger(__name__)
 
 from polar.formats import AdapterFormatError, compile_regex, read_model
 from polar.io import atomic_write_text
-from .report import SPECTRAL_COLUMNS, layer_and_suffix, module_types
-from .spectra import factored_singular_values, dense_singular_values, orthogonality_error_fp64, spectrum_stats
+from .report import SPECTRAL_COLUMNS, layer_and_suffix, module_stats, module_types
 
 __all__ = ["StableRankCallback", "CSV_COLUMNS", "measure", "truncate_csv"]
 
@@ -79,11 +78,7 @@ def measure(
     types = module_types([m.module for m in source.modules])
     out = []
     for md in source.modules:
-        if md.needs_dense and dora_exact:
-            sv = dense_singular_values(md.dense_delta())
-        else:
-            sv = factored_singular_values(md.left, md.right, md.core, md.scale)
-        stats = spectrum_stats(sv)
+        stats = module_stats(md, top_k=0, dora_exact=dora_exact)
         layer, _ = layer_and_suffix(md.module)
         out.append(
             {
@@ -92,12 +87,7 @@ def measure(
                 "layer": "" if layer is None else layer,
                 "adapter_type": md.adapter_type,
                 "r": md.r,
-                "stable_rank": stats.stable_rank,
-                "effective_rank": stats.effective_rank,
-                "fro_norm": stats.fro_norm,
-                "spectral_norm": stats.spectral_norm,
-                "orth_error_x": orthogonality_error_fp64(md.left) if md.orthonormal_factors else math.nan,
-                "orth_error_y": orthogonality_error_fp64(md.right) if md.orthonormal_factors else math.nan,
+                **{k: stats[k] for k in SPECTRAL_COLUMNS},
             }
         )
     return out

@@ -102,9 +102,11 @@ def module_types(modules: Sequence[str]) -> dict[str, str]:
 # per-module numbers
 
 
-def module_stats(md: ModuleDelta, top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
-    """Stable rank, effective rank, norms, leading singular values and orthogonality errors of one module."""
-    if md.needs_dense:
+def module_stats(md: ModuleDelta, top_k: int = DEFAULT_TOP_K, dora_exact: bool = True) -> dict[str, Any]:
+    """Stable rank, effective rank, norms, leading singular values and orthogonality errors of one module
+    (:data:`SPECTRAL_COLUMNS`, ``sigma_1`` … ``sigma_<top_k>``, ``singular_values``). DoRA is measured by its exact
+    ΔW, or with ``dora_exact=False`` by its directional part scale·BA (cheap: no dense ΔW is formed)."""
+    if md.needs_dense and dora_exact:
         # DoRA's exact ΔW is full rank (it rescales the base weight's rows): no low-rank shortcut exists.
         sv = dense_singular_values(md.dense_delta())
         keep = max(2 * md.r, top_k)
