@@ -28,7 +28,7 @@ from typing import Any, Optional
 OVERWRITE_HINT = "pass overwrite=True (--overwrite on the command line)"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable. Some filesystems cannot fsync a folder: then nothing is
     lost that the rename itself did not already guarantee."""
     if os.name == "nt":  # pragma: no cover - Windows cannot open a folder for fsync
@@ -43,7 +43,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """fsync every file and folder under ``root`` (files written by libraries that do not fsync themselves)."""
     for folder, _, files in os.walk(root):
         for name in files:
@@ -55,7 +55,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(folder))
+        fsync_dir(Path(folder))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -75,7 +75,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -194,7 +194,7 @@ def recover_directory(out_dir: str | os.PathLike) -> Optional[Path]:
                 f"{', '.join(str(p) for p in olds)}; rename the one to keep to {out_dir} and delete the others."
             )
         os.replace(olds[0], out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
         restored = out_dir
     for path, kind in dead:
         if path.exists():
@@ -240,12 +240,12 @@ def atomic_directory(
     old = None
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out_dir.exists():
             old = _side_name(out_dir, "old")
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         if old is not None and old.exists() and not out_dir.exists():
             os.replace(old, out_dir)  # the new folder did not get in: the previous one goes back

@@ -29,6 +29,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from polar.io import atomic_write_text, fsync_dir, fsync_tree
+
 #: Written last into a checkpoint, after every other file is on disk: ``{"step": N, "files": {name: bytes}}``.
 SEAL_NAME = "polar_checkpoint.json"
 TRAINER_STATE_NAME = "trainer_state.json"  # transformers' name; its last write into a checkpoint
@@ -153,35 +155,15 @@ def find_resumable(folder: str | os.PathLike) -> tuple[Path | None, list[tuple[P
     return None, skipped
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders; the files themselves are synced
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
 def seal_checkpoint(path: str | os.PathLike, step: int) -> Path:
     """Flush every file of the checkpoint ``path`` to disk, then write its seal (atomically, fsynced)."""
     path = Path(path)
     files = _files(path)
-    for file in files:
-        _fsync(file)
-    for folder in sorted({f.parent for f in files}, key=lambda p: len(p.parts), reverse=True):
-        _fsync(folder, directory=True)
+    fsync_tree(path)
     seal = {"step": step, "files": {f.relative_to(path).as_posix(): f.stat().st_size for f in files
                                     if f.name != SEAL_NAME}}
-    tmp = path / f".{SEAL_NAME}.tmp"
-    with tmp.open("w") as handle:
-        json.dump(seal, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path / SEAL_NAME)
-    _fsync(path, directory=True)
-    _fsync(path.parent, directory=True)  # the checkpoint folder's own entry
+    atomic_write_text(path / SEAL_NAME, json.dumps(seal, indent=1))  # its temp name starts with .SEAL_NAME
+    fsync_dir(path.parent)  # the checkpoint folder's own entry
     return path / SEAL_NAME
 
 
