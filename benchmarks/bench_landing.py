@@ -45,72 +45,26 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from polar.optim import LandingAdamW
-from polar.optim.executors import Workspace, prepare
-from polar.optim.landing import landing_field, landing_field_from_grams
-from polar.optim.stiefel import retract
+if __package__ in (None, ""):  # run as a file (python benchmarks/bench_landing.py): the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timeit(fn: Callable[[], object], device: torch.device, target_s: float, max_rep: int, min_rep: int = 3) -> float:
-    """Median wall time of ``fn`` (seconds): one warm-up call, then as many repeats as fit in ``target_s``."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
-    reps = int(min(max_rep, max(min_rep, target_s / max(first, 1e-9))))
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int) -> dict[str, list[float]]:
-    """One warm-up call of each, then ``reps`` rounds calling each once in turn: changes in machine load hit all alike."""
-    for fn in fns.values():
-        fn()  # allocates optimiser state and buffers
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def fmt_t(s: float) -> str:
-    if s != s:  # nan
-        return "skipped"
-    return f"{s * 1e6:.0f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1.0 else f"{s:.2f} s"
+from benchmarks.harness.fixtures import SET7B, TARGETS, set7b_factors, tiny_llama  # noqa: E402
+from benchmarks.harness.landing import nn_field, svd_polar, transform_of  # noqa: E402
+from benchmarks.harness.measure import (  # noqa: E402
+    fmt_t, steady_bytes, time_interleaved, timeit, transient_peak,
+)
+from benchmarks.harness.results import write_result  # noqa: E402
+from polar.io import atomic_write_text, utc_timestamp  # noqa: E402
+from polar.optim import LandingAdamW  # noqa: E402
+from polar.optim.landing import landing_field, landing_field_from_grams  # noqa: E402
+from polar.optim.stiefel import retract  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ 1. grid
-def nn_field(X: torch.Tensor, G: torch.Tensor, lam: float) -> torch.Tensor:
-    """The reference formulation: the n × n skew matrix G Xᵀ − X Gᵀ is formed explicitly."""
-    eye = torch.eye(X.shape[1], device=X.device, dtype=X.dtype)
-    return (G @ X.T - X @ G.T) @ X + lam * X @ (X.T @ X - eye)
-
-
-def svd_polar(X: torch.Tensor) -> torch.Tensor:
-    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
-    return U @ Vh
-
-
 def bench_grid(device: torch.device, ns: list[int], rs: list[int], target_s: float, nn_max_gflop: float) -> str:
     rows = [
         "| n | r | ours (O(n r²)) | n × n form | speed-up vs n × n | SVD polar retr. | QR retr. | Gram polar retr. (ours) |",
@@ -144,31 +98,11 @@ def bench_grid(device: torch.device, ns: list[int], rs: list[int], target_s: flo
     return text
 
 
-def transform_of(opt: LandingAdamW) -> Callable[[], None]:
-    """The part of ``opt.step()`` before AdamW: Grams, orthogonality errors and the mode's direction per bucket."""
-    workspace = Workspace()
-
-    @torch.no_grad()
-    def run() -> None:
-        for bucket in opt.buckets():
-            prepare(bucket, workspace)
-    return run
-
-
 # ------------------------------------------------------------------------------------------------ 2. 7B set
 def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | None = None) -> str:
     torch.manual_seed(0)
-    shapes = [(4096, r)] * 256 + [(11008, r)] * 64
-    thetas = 160
-
-    def make():
-        xs = [torch.nn.Parameter(torch.linalg.qr(torch.randn(n, k, device=device))[0].contiguous()) for n, k in shapes]
-        ths = [torch.nn.Parameter(0.01 * torch.randn(r, r, device=device)) for _ in range(thetas)]
-        for p in xs + ths:
-            p.grad = 1e-3 * torch.randn_like(p)
-        return xs, ths
-
-    xs, ths = make()
+    xs, ths = set7b_factors(device, r=r)
+    shapes, thetas = [tuple(p.shape) for p in xs], len(ths)
     kw = {} if foreach is None else {"foreach": foreach}
     landing = LandingAdamW(
         [dict(params=xs, polar_role="stiefel"), dict(params=ths, polar_role="theta")], lr=4e-3, mode="landing",
@@ -233,9 +167,11 @@ def bench_set7b(device: torch.device, reps: int, r: int = 32, foreach: bool | No
 
 def bench_ceiling(device: torch.device, reps: int, r: int = 32, lam: float = 5e-3) -> str:
     torch.manual_seed(0)
-    groups = {4096: 256, 11008: 64}
-    stacks = {n: (torch.linalg.qr(torch.randn(k, n, r, device=device))[0].contiguous(), 1e-3 * torch.randn(k, n, r, device=device))
-              for n, k in groups.items()}
+    groups = dict(SET7B)
+    xs, _ = set7b_factors(device, r=r, thetas=False)
+    stacks = {n: (torch.stack([x.detach() for x in xs if x.shape[0] == n]), torch.stack([x.grad for x in xs if x.shape[0] == n]))
+              for n in groups}
+    del xs
     # separate tensors, as parameters and autograd's gradients are
     factors = [(x.clone(), g.clone()) for X, G in stacks.values() for x, g in zip(X, G)]
     outs = {n: torch.empty_like(X) for n, (X, _) in stacks.items()}
@@ -299,49 +235,15 @@ def bench_ceiling(device: torch.device, reps: int, r: int = 32, lam: float = 5e-
 
 
 # ------------------------------------------------------------------------------------------------ 3. training step
-def _tiny_llama(device: torch.device, hidden: int, layers: int):
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=2048, hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
-    )
-    return transformers.LlamaForCausalLM(cfg).to(device)
-
-
-def steady_bytes(model, opt) -> int:
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # grads
-    for st in opt.state.values():
-        total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
-    # LandingAdamW keeps its stacking / field buffers across steps on CPU: count them as steady memory.
-    total += sum(b.numel() * b.element_size() for b in getattr(opt, "_ws", {}).values())
-    return total
-
-
-def transient_peak_cpu(step: Callable[[], None]) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
 def bench_train(device: torch.device, hidden: int, layers: int, r: int, batch: int, seq: int, reps: int) -> str:
     import peft
 
     from polar import PolarConfig
     from polar.optim import make_optimizer
 
-    targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    targets = TARGETS
     ids = torch.randint(0, 2048, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    base = _tiny_llama(device, hidden, layers)
+    base = tiny_llama(hidden, layers, inter=int(hidden * 2.6875), vocab=2048, device=device)
     setups = {
         "PoLAR (LandingAdamW)": lambda m: (
             peft.get_peft_model(m, PolarConfig(r=r, alpha=32, target_modules=targets)),
@@ -379,15 +281,7 @@ def bench_train(device: torch.device, hidden: int, layers: int, r: int, batch: i
     peaks = {}
     for name, (pm, opt) in models.items():
         steady = steady_bytes(pm, opt)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            stepper(pm, opt)()
-            torch.cuda.synchronize()
-            transient = torch.cuda.max_memory_allocated() - start
-        else:
-            transient = transient_peak_cpu(stepper(pm, opt))
+        transient = transient_peak(stepper(pm, opt), device)
         peaks[name] = (steady, transient, steady + transient)
     lora_t, lora_m, lora_min = med["LoRA (AdamW)"], peaks["LoRA (AdamW)"][2], mins["LoRA (AdamW)"]
     for name, (pm, _opt) in models.items():
@@ -423,8 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--train-reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="the markdown report")
+    ap.add_argument("--json", default=None,
+                    help="result file: the report per section with machine, versions and commit (default: OUT.json)")
     a = ap.parse_args(argv)
+    json_path = a.json or (f"{a.out}.json" if a.out else None)
+    if json_path and a.out and Path(json_path).resolve() == Path(a.out).resolve():
+        ap.error(f"--json {json_path} is the --out file; give another path")
+    started = utc_timestamp()
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA requested but not available", file=sys.stderr)
@@ -447,18 +347,18 @@ def main(argv: list[str] | None = None) -> int:
                 bench_ceiling(device, a.set_reps), ""]
         print(out[-2], flush=True)
     if "peers" in sections:
-        from bench_peers import bench_peers  # here, not at the top: it imports this module's timers
+        from benchmarks.bench_peers import bench_peers  # here, not at the top: geoopt / pogo are optional
 
         out += ["### One optimiser step on the 7B-shaped factor set: AdamW, LandingAdamW, geoopt, pogo (1 thread)", "",
                 bench_peers(a.set_reps), ""]
         print(out[-2], flush=True)
     if "smollm2-step" in sections:
-        from bench_smollm2 import bench_smollm2_step
+        from benchmarks.bench_smollm2 import bench_smollm2_step
 
         out += ["### SmolLM2-135M training step: PoLAR vs LoRA (2 threads)", "", bench_smollm2_step(a.train_reps), ""]
         print(out[-2], flush=True)
     if "smollm2-profile" in sections:
-        from bench_smollm2 import bench_smollm2_profile
+        from benchmarks.bench_smollm2 import bench_smollm2_profile
 
         out += ["### SmolLM2-135M: where PoLAR's step time goes, and the alternatives", "",
                 bench_smollm2_profile(a.train_reps), ""]
@@ -471,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(out)
     print(text)
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+        atomic_write_text(a.out, text + "\n")
+    if json_path:
+        # each section's heading and table, as printed
+        parts = "\n".join(out[:-1]).split("\n### ")
+        report = {"header": parts[0].strip(), **{p.split("\n", 1)[0]: p.split("\n", 1)[1].strip() for p in parts[1:]}}
+        write_result(json_path, "bench_landing", report, started, sys.argv[1:] if argv is None else argv)
     return 0
 
 

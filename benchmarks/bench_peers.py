@@ -26,10 +26,11 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.harness.fixtures import SET7B, set7b_factors
+from benchmarks.harness.measure import fmt_t, time_interleaved
 from polar.optim import LandingAdamW
 
 PEER_INSTALL = "pip install 'polar-peft[bench]'  (or: pip install --no-deps geoopt==0.5.1 pogo-torch==1.0.2)"
-SHAPES_7B = [(4096, 256), (11008, 64)]  # (n, how many factors of n × r)
 
 
 def peers_missing() -> str | None:
@@ -61,7 +62,7 @@ def _sgemm_mix(xs: list[torch.Tensor], gs: list[torch.Tensor], r: int) -> tuple[
     """A Gram (n × r)ᵀ(n × r) and a (n × r)(r × r) product per factor, and its flop count (4 n r² per factor)."""
     gram = torch.empty(r, r)
     coef = torch.linalg.qr(torch.randn(r, r))[0].contiguous()
-    outs = {n: torch.empty(n, r) for n, _ in SHAPES_7B}
+    outs = {n: torch.empty(n, r) for n, _ in SET7B}
 
     def run() -> None:
         for x, g in zip(xs, gs):
@@ -86,13 +87,14 @@ def bench_peers(reps: int, r: int = 32, lr: float = 4e-3) -> str:
 
 def _run(reps: int, r: int, lr: float) -> str:
     import geoopt
-    from bench_landing import fmt_t, time_interleaved
     from pogo import POGO
     from pogo.base import VectorAdam
 
     torch.manual_seed(0)
-    start = [torch.linalg.qr(torch.randn(n, r))[0].contiguous() for n, k in SHAPES_7B for _ in range(k)]
-    grads = [1e-3 * torch.randn(n, r) for n, k in SHAPES_7B for _ in range(k)]
+    factors, _ = set7b_factors(r=r, thetas=False)
+    start = [p.detach() for p in factors]
+    grads = [p.grad for p in factors]
+    del factors
 
     def own_factors(cls: Callable[[torch.Tensor], torch.nn.Parameter] = torch.nn.Parameter) -> list[torch.nn.Parameter]:
         ps = [cls(x.clone()) for x in start]
@@ -112,7 +114,7 @@ def _run(reps: int, r: int, lr: float) -> str:
     stiefel["geoopt"] = own_factors(lambda x: geoopt.ManifoldParameter(x, manifold=geoopt.EuclideanStiefel()))
     steps["geoopt"] = geoopt.optim.RiemannianAdam(stiefel["geoopt"], lr=lr, stabilize=None).step
     stacks, i = [], 0
-    for n, k in SHAPES_7B:
+    for n, k in SET7B:
         p = torch.nn.Parameter(torch.stack(start[i : i + k]))
         p.grad = torch.stack(grads[i : i + k])
         stacks.append(p)
@@ -130,7 +132,7 @@ def _run(reps: int, r: int, lr: float) -> str:
     med = {k: statistics.median(v) for k, v in times.items()}
     errors = {k: orth_error_max(ps) for k, ps in stiefel.items()}
     rate = mix_flop / med["sgemm_mix"]
-    n_rr = sum(n * r * r * k for n, k in SHAPES_7B)
+    n_rr = sum(n * r * r * k for n, k in SET7B)
     floors = {"riemannian": 12 * n_rr / rate + med["adamw_fused"], "landing": 8 * n_rr / rate + med["adamw_fused"]}
     floors["riemannian_fused"] = floors["riemannian"]
     big_floor = 12 * n_rr / (2 * size**3 / med["sgemm_2048"]) + med["adamw_fused"]
@@ -154,9 +156,9 @@ def _run(reps: int, r: int, lr: float) -> str:
         frac = f"**{floors[key] / med[key]:.2f}**" if key in floors else "—"
         rows.append(f"| {name} | {fmt_t(med[key])} | **{med[key] / base:.2f}×** | {geo / med[key]:.2f}× | {err} | "
                     f"{floor} | {frac} |")
-    n_values = sum(n * r * k for n, k in SHAPES_7B)
+    n_values = sum(n * r * k for n, k in SET7B)
     return "\n".join([
-        f"{sum(k for _, k in SHAPES_7B)} factors ({n_values / 1e6:.1f} M values, fp32, r = {r}), random fixed gradients, "
+        f"{sum(k for _, k in SET7B)} factors ({n_values / 1e6:.1f} M values, fp32, r = {r}), random fixed gradients, "
         f"lr {lr:g}, {torch.get_num_threads()} thread(s); median of {reps} interleaved steps after one warm-up step each "
         f"({1 + reps} steps taken before the orthogonality check).",
         "",

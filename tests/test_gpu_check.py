@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gpu_check  # noqa: E402  (a broken import must fail, not skip)
-
-from polar.io import json_safe  # noqa: E402
+from benchmarks import gpu_check  # a broken import must fail, not skip
+from polar.io import json_safe
 
 TINY = dict(
     grid_ns=[256], grid_rs=[8], grid_target_s=0.0, set_scale=64, set_reps=1,
