@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 LOCK ?= constraints/newest.txt
 UPGRADE_FLAGS ?=
 
-.PHONY: test demo peft-conformance gguf-check test-oldest test-newest lock clean
+.PHONY: test demo peft-conformance gguf-check gpu-check test-oldest test-newest lock clean
 
 # One stamp per extra, so `make demo` installs only what the demo needs.
 $(VENV)/.installed-%: pyproject.toml $(LOCK)
@@ -37,6 +37,14 @@ gguf-check: $(VENV)/.installed-dev
 		tar xzf .cache/sdist/llama_cpp_python-0.3.36.tar.gz -C .cache; }
 	$(BIN)/python benchmarks/gguf_llamacpp_check.py --llama-cpp-src $(LLAMA_CPP_SRC)/vendor/llama.cpp \
 		--work .cache/gguf-check --trap
+
+# On a CUDA machine: the device checks as tests (tests/test_gpu.py, marked `cuda`; skipped with the reason without
+# CUDA), then the device timings of benchmarks/gpu_check.py (sections a, b, c, g) into $$OUT/gpu_check.jsonl
+# (OUT defaults to ./gpu_out). Uses $(VENV)'s python when there is one, else python3.
+GPU_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PY) -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu.py
+	PYTHON=$(GPU_PY) bash benchmarks/gpu_check.sh --sections a,b,c,g
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/polar demo
