@@ -18,17 +18,13 @@ from typing import Any, Optional
 
 import torch
 
+from polar.optimizer_defaults import DEFAULT_MAX_CONSECUTIVE_SKIPS, NONFINITE_POLICIES, validate_nonfinite
+
 from .executors import Bucket
 from .sharding import is_dtensor, local_tensor
 
 __all__ = ["DEFAULT_MAX_CONSECUTIVE_SKIPS", "NONFINITE_POLICIES", "NonFiniteGuard", "NonFiniteStepError",
            "all_finite", "check_saved_state", "describe", "validate_nonfinite"]
-
-NONFINITE_POLICIES = ("skip", "raise")
-#: Consecutive skipped steps allowed before a step with non-finite values raises (``polar train`` flag
-#: ``--max-consecutive-skipped-steps``): an isolated overflow is skipped, a run that produces nothing but NaNs
-#: stops instead of spinning.
-DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
 
 _GRADIENT_ADVICE = (
     "A NaN/inf gradient comes from the loss: check the loss and the inputs for NaN/inf, lower the learning rate, "
@@ -44,19 +40,6 @@ _OVERFLOW_ADVICE = (
 class NonFiniteStepError(FloatingPointError, ValueError):
     """A step met NaN/inf values and nothing was changed. Also a ``ValueError``, so that a command line that reports
     user errors in one line (``polar train``) shows it without a traceback."""
-
-
-def validate_nonfinite(nonfinite: str, max_consecutive_skips: Optional[int], who: str = "LandingAdamW",
-                       spelling: Optional[dict[str, str]] = None) -> None:
-    """Refuse an unknown policy or a limit that is not an integer ≥ 0 (``None``: no limit)."""
-    say = {"nonfinite": "nonfinite", "max_consecutive_skips": "max_consecutive_skips", **(spelling or {})}
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"{who}: {say['nonfinite']}={nonfinite!r} is not a policy; valid: "
-                         f"{', '.join(map(repr, NONFINITE_POLICIES))} (skip the step with a warning, or raise)")
-    m = max_consecutive_skips
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
-        raise ValueError(f"{who}: {say['max_consecutive_skips']} must be an integer ≥ 0 (0: stop at the first step "
-                         f"with non-finite values), got {m!r}")
 
 
 @torch.no_grad()

@@ -24,9 +24,13 @@ Output folder::
                                                      polar_checkpoint.json once complete
 """
 
-from .checkpoints import CheckpointSealCallback, checkpoint_problem, find_resumable
-from .folder import RUN_MARKERS, check_output_dir, clear_run, last_checkpoint, resume_plan, run_in_folder
-from .run import train
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# The settings are plain data (no torch): `polar train --help` builds its flags from them. Everything else loads
+# torch and transformers, so it is imported on first use of one of its names.
 from .settings import (
     ADAPTERS,
     DEFAULT_LR,
@@ -38,7 +42,36 @@ from .settings import (
     optimizer_options,
     resolve_settings,
 )
-from .setup import build_peft_config, max_orthogonality_error
+
+# public name -> submodule that defines it
+_LAZY_EXPORTS = {
+    "CheckpointSealCallback": ".checkpoints",
+    "checkpoint_problem": ".checkpoints",
+    "find_resumable": ".checkpoints",
+    "RUN_MARKERS": ".folder",
+    "check_output_dir": ".folder",
+    "clear_run": ".folder",
+    "last_checkpoint": ".folder",
+    "resume_plan": ".folder",
+    "run_in_folder": ".folder",
+    "train": ".run",
+    "build_peft_config": ".setup",
+    "max_orthogonality_error": ".setup",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY_EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'polar.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_EXPORTS))
+
 
 __all__ = [
     "ADAPTERS",
