@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from polar.studies.canonical.study import DEFAULTS, SMALL  # the sizes of --small and of the full study
+# plain data (no torch): the sizes of --small and of the full study
+from polar.studies.canonical_sizes import DEFAULT_STEP_GRID, DEFAULTS, SMALL
 
 
 def _float_list(text: str) -> list[float]:
@@ -43,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         action="append",
         default=None,
-        help="condition number σ₁/σ_r* of the target; repeat for several (default: 1, 10 and 100)",
+        help="condition number σ₁/σ_r* of the target; repeat for several (default: "
+        f"{', '.join(f'{k:g}' for k in DEFAULTS['kappa'])})",
     )
     parser.add_argument("--seed", type=int, default=0, help="first seed (step sizes are chosen on it; default 0)")
     parser.add_argument(
@@ -55,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--step-grid",
         type=_float_list,
         default=None,
-        help="comma-separated step sizes tried for every method (default 0.25,0.5,0.75,1)",
+        help="comma-separated step sizes tried for every method (default "
+        f"{','.join(f'{s:g}' for s in DEFAULT_STEP_GRID)})",
     )
     parser.add_argument(
         "--init-scale", type=float, default=1e-3, help="std of LoRA's small random init of B and A (default 1e-3)"
@@ -79,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from polar.studies.canonical import DEFAULT_STEP_GRID, run_canonical
+    from polar.studies.canonical import run_canonical
 
     base = SMALL if args.small else DEFAULTS
     m = args.m if args.m is not None else base["m"]

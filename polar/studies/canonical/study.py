@@ -18,6 +18,7 @@ from polar.io import atomic_write_bytes, atomic_write_json
 from polar.analysis.spectra import stable_rank
 from polar.studies.canonical.problem import make_target
 from polar.studies.canonical.solvers import History, run_lora_gd, run_polar_landing, run_polar_rgd
+from polar.studies.canonical_sizes import DEFAULT_STEP_GRID, DEFAULTS, SMALL
 
 __all__ = ["DEFAULTS", "DEFAULT_STEP_GRID", "METHODS", "METHOD_LABELS", "SMALL", "format_table", "run_canonical"]
 
@@ -27,10 +28,6 @@ METHOD_LABELS = {
     "polar_rgd": "PoLAR-RGD",
     "polar_landing": "PoLAR-landing",
 }
-DEFAULT_STEP_GRID = (0.25, 0.5, 0.75, 1.0)
-# the tiny size used by --small (tests, the demo): seconds on one core
-SMALL = {"m": 20, "n": 16, "rank": 4, "target_rank": 2, "iters": 2000, "kappa": [1.0, 10.0], "seeds": 2}
-DEFAULTS = {"m": 60, "n": 50, "rank": 8, "target_rank": 4, "iters": 20_000, "kappa": [1.0, 10.0, 100.0], "seeds": 3}
 
 
 @contextlib.contextmanager
