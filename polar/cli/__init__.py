@@ -1,6 +1,11 @@
 """The ``polar`` command line. Each sub-command lives in its own module of this package and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed args, returns
-an exit code)."""
+an exit code).
+
+Building the parser imports no torch, transformers or PEFT (``register`` imports only plain-data modules; each
+``func`` imports what its command needs), so ``polar --help``, ``polar CMD --help`` and argument errors answer at
+once when launched through :mod:`polar_cli` (the installed ``polar`` script). PoLAR is registered with PEFT after
+parsing and before any command runs."""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import importlib
 import os
 import re
 import sys
+
+import polar
 
 # Order is the order shown in ``polar --help``.
 COMMAND_MODULES = [
@@ -42,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Every command sees the PoLAR PEFT type registered, as after `import polar` (which the `polar` script
+        # defers until the arguments are parsed).
+        polar.register_with_peft()
         return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError, ImportError) as err:
         # The library's errors are written for users (an ImportError names the extra to install): show them without
