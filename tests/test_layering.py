@@ -111,3 +111,84 @@ def test_a_config_naming_an_unknown_mode_loads_and_make_optimizer_refuses_it(tmp
 def test_polar_config_still_checks_the_types(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PolarConfig(r=2, target_modules=TARGETS, **fields)
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _load_time_imports(path: Path, root: Path, known: set[str]) -> set[str]:
+    """The modules of ``known`` that ``path`` imports when it is loaded: statements outside functions (module body,
+    class bodies, ``if`` / ``try`` / ``with`` blocks), not ``if TYPE_CHECKING:``; relative imports resolved."""
+    name = _module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package if node.level else ""
+                module = ".".join(p for p in (base, node.module or "") if p)
+                found.add(module)
+                found.update(f"{module}.{alias.name}" for alias in node.names)  # kept only where a module
+            for child in ("body", "orelse", "finalbody", "handlers"):
+                block = getattr(node, child, None)
+                if isinstance(block, list) and block and isinstance(block[0], (ast.stmt, ast.excepthandler)):
+                    visit(block)
+            if isinstance(node, ast.ExceptHandler):
+                visit(node.body)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    return (found & known) - {name}
+
+
+def import_cycle(folder: Path) -> list[str] | None:
+    """One cycle of load-time imports among the modules under ``folder`` (``a -> b -> ... -> a``), or None."""
+    files = {_module_name(p, folder.parent): p for p in sorted(folder.rglob("*.py"))}
+    graph = {m: sorted(_load_time_imports(p, folder.parent, set(files))) for m, p in files.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def walk(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for target in graph[module]:
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := walk(target)):
+                return cycle
+        path.pop()
+        state[module] = 2
+        return None
+
+    for module in graph:
+        if module not in state and (cycle := walk(module)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_in_polar() -> None:
+    cycle = import_cycle(ROOT / "polar")
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path: Path) -> None:
+    """The check above can fail: a package whose modules import each other at load time is reported."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("import typing\nif typing.TYPE_CHECKING:\n    from pkg import c\n"
+                              "def f():\n    from pkg import a\n")
+    (pkg / "c.py").write_text("class C:\n    from pkg.a import b\n")
+    assert import_cycle(pkg) is None  # imports inside functions and under TYPE_CHECKING do not count
+    (pkg / "b.py").write_text("try:\n    from .c import C\nexcept ImportError:\n    pass\n")
+    assert import_cycle(pkg) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
