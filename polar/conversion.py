@@ -18,15 +18,16 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from polar.formats import ADAPTER_CONFIG, PEFT_PREFIX, AdapterFormatError, adapter_weights_file, parse_key
-from polar.formats import read_adapter_config, read_adapter_weights, read_state_dict, reference_parameterization
-from polar.formats.keys import pattern_value
-from polar.formats.validate import check_finite_state, check_polar_factors
+from polar.formats import ADAPTER_CONFIG, PEFT_PREFIX, AdapterFormatError, adapter_weights_file, check_finite_state
+from polar.formats import parse_key, read_adapter_config, read_adapter_weights, read_state_dict
+from polar.formats import reference_parameterization
 from polar.io import atomic_directory, atomic_write_json, refuse_overlap
+from polar.scaling import module_scaling
 from polar.tuner import PolarConfig
 from polar.tuner.config import PolarPeftType
 
 POLAR_SUFFIXES = ("polar_X", "polar_Y", "polar_theta")
+POLAR_PARTS = ("X", "Y", "theta")  # polar.formats.parse_key's names of the factors
 # What each command writes into its output folder: all that --overwrite may replace (anything else there is refused).
 EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CONVERT_FILES = ("adapter_config.json", "adapter_model.safetensors", "conversion.json")
@@ -72,16 +73,18 @@ def _config_where(source: Union[str, os.PathLike, nn.Module]) -> str:
     return str(Path(source) / ADAPTER_CONFIG)
 
 
+def _source_where(source: Union[str, os.PathLike, nn.Module]) -> str:
+    """How messages name a source as a whole: its folder, or the model."""
+    if isinstance(source, nn.Module):
+        return f"<{type(source).__name__}>"
+    return str(source)
+
+
 def _where(source: Union[str, os.PathLike, nn.Module]) -> str:
     """How messages name a source: its weights file, or the model."""
     if isinstance(source, nn.Module):
         return f"<{type(source).__name__}>"
     return str(adapter_weights_file(source))
-
-
-def _split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
-    module, _, leaf = key.rpartition(".")
-    return (module, leaf) if leaf in suffixes else None
 
 
 def export_lora(
@@ -111,44 +114,34 @@ def export_lora(
     refuse_overlap(out_dir, sources, "polar export")
     config, state = _polar_state(model_or_adapter_dir, adapter_name)
     where = _where(model_or_adapter_dir)
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    passthrough: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        split = _split_key(key, POLAR_SUFFIXES)
-        if split is None:
-            passthrough[key] = tensor  # modules_to_save and trained biases load the same way under LoRA
-        else:
-            modules.setdefault(split[0], {})[split[1]] = tensor
-    if not modules:
+    parsed = {key: parse_key(key) for key in state}
+    # modules_to_save and trained biases load the same way under LoRA
+    passthrough = {key: tensor for key, tensor in state.items() if parsed[key] is None}
+    if not any(p is not None and p.part in POLAR_PARTS for p in parsed.values()):
         raise ValueError(f"{model_or_adapter_dir} holds no PoLAR tensors ({', '.join(POLAR_SUFFIXES)}).")
 
     check_finite_state(passthrough, where)
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rank_pattern = config.get("rank_pattern") or {}
+    # Everything is checked before anything is written (shapes, ranks against the config, finite values): a LoRA
+    # export of a broken adapter loads in PEFT and serves wrong outputs (or NaNs), far from the cause.
+    source = read_state_dict(state, where=_source_where(model_or_adapter_dir), config=config, tensors_where=where)
     lora_state = dict(passthrough)
     lora_rank_pattern: dict[str, int] = {}
-    for module, tensors in sorted(modules.items()):
-        missing = [s for s in POLAR_SUFFIXES if s not in tensors]
-        if missing:
-            raise ValueError(f"PoLAR module {module} lacks {', '.join(missing)}; the adapter is incomplete.")
-        x, y, theta = tensors["polar_X"], tensors["polar_Y"], tensors["polar_theta"]
-        name = module.removeprefix("base_model.model.")
-        # Everything is checked before anything is written: a LoRA export of a broken adapter loads in PEFT and
-        # serves wrong outputs (or NaNs), far from the cause.
-        r = check_polar_factors(name, x, y, theta, where, pattern_value(rank_pattern, name, config["r"]))
-        alpha = float(pattern_value(alpha_pattern, name, config["alpha"]))
+    for md in sorted(source.modules, key=lambda m: m.module):
+        x, y, theta, r = md.left, md.right, md.core, md.r
         theta = torch.diag(theta) if theta.ndim == 1 else theta
         dtype = x.dtype
-        b = (x.double() @ theta.double()) * (alpha / r)
-        lora_state[f"{module}.lora_A.weight"] = y.double().T.to(dtype).contiguous()
-        lora_state[f"{module}.lora_B.weight"] = b.to(dtype).contiguous()
-        if not bool(torch.isfinite(lora_state[f"{module}.lora_B.weight"]).all()):
+        b = (x.double() @ theta.double()) * md.scale
+        key = f"{PEFT_PREFIX}{md.module}"
+        lora_state[f"{key}.lora_A.weight"] = y.double().T.to(dtype).contiguous()
+        lora_state[f"{key}.lora_B.weight"] = b.to(dtype).contiguous()
+        if not bool(torch.isfinite(lora_state[f"{key}.lora_B.weight"]).all()):
             raise ValueError(
-                f"{where}: module {name!r}: (alpha/r)·XΘ overflows {dtype} (max |entry| {float(b.abs().max()):.3g}); "
-                "the adapter cannot be exported in its dtype. Load it, cast it to float32 and export the model"
+                f"{where}: module {md.module!r}: (alpha/r)·XΘ overflows {dtype} (max |entry| "
+                f"{float(b.abs().max()):.3g}); the adapter cannot be exported in its dtype. Load it, cast it to "
+                "float32 and export the model"
             )
         if r != config["r"]:
-            lora_rank_pattern[f"^{re.escape(name)}$"] = r
+            lora_rank_pattern[f"^{re.escape(md.module)}$"] = r
 
     try:
         lora_config = _lora_config(config, lora_rank_pattern)
@@ -258,7 +251,7 @@ def convert_reference(
         if r != default_r:
             polar_config.rank_pattern[f"^{re.escape(md.module)}$"] = r
         # Any difference between the reference's scaling (alpha_pattern, rsLoRA) and ours is folded into Θ.
-        ratio = md.scale / (default_alpha / r)
+        ratio = md.scale / module_scaling(polar_config, md.module).scale
         key = f"{PEFT_PREFIX}{md.module}"
         state[f"{key}.polar_X"] = b.contiguous()
         state[f"{key}.polar_Y"] = a_t.contiguous()

@@ -1,4 +1,4 @@
-"""Tensor names of low-rank adapters and the config fields that scale them.
+"""Tensor names of low-rank adapters.
 
 A key names a module path, a factor (``polar_X``, ``lora_A``, ...) and possibly an adapter name, in any of the
 layouts seen in the wild: PEFT's saved files (``<module>.lora_A.weight``), a live model's ``state_dict()``
@@ -8,13 +8,11 @@ parametrisations (``<module>.lora_S.<adapter>.parametrizations.weight.original``
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
-from peft.utils.other import get_pattern_key
 
 from .errors import AdapterFormatError
 
@@ -110,22 +108,3 @@ def compile_regex(pattern: str, what: str) -> "re.Pattern[str]":
         return re.compile(pattern)
     except re.error as err:
         raise ValueError(f"invalid {what} regular expression {pattern!r}: {err}") from None
-
-
-def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """A ``rank_pattern`` / ``alpha_pattern`` lookup, matched the way PEFT matches them."""
-    if not patterns:
-        return default
-    return patterns.get(get_pattern_key(list(patterns.keys()), module), default)
-
-
-def lora_scale(config: Mapping[str, Any], module: str, r: int) -> float:
-    """LoRA's scaling of one module: ``lora_alpha / r`` (``/ sqrt(r)`` for rsLoRA), honouring ``alpha_pattern``."""
-    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r))
-    alpha = r if alpha is None else alpha
-    return float(alpha) / math.sqrt(r) if config.get("use_rslora") else float(alpha) / r
-
-
-def peft_type(config: Mapping[str, Any]) -> str:
-    value = config.get("peft_type") or ""
-    return str(getattr(value, "value", value)).upper()

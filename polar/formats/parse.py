@@ -9,7 +9,9 @@ import torch
 
 from .deltas import PARAMETERIZE_S, REFERENCE_THETA, AdapterSource, ModuleDelta
 from .files import EXPECTED, AdapterFormatError, BaseWeights, describe_keys
-from .keys import PEFT_PREFIX, compile_regex, group_tensors, lora_scale, natural_key, parse_key, pattern_value
+from polar.scaling import configured_rank, module_scaling
+
+from .keys import PEFT_PREFIX, compile_regex, group_tensors, natural_key, parse_key
 from .validate import RESAVE, check_polar_factors, check_tensor
 
 
@@ -110,6 +112,12 @@ def modules_from_groups(
     out: list[ModuleDelta] = []
     missing_base: list[str] = []
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    # Without a config the scale is alpha / r for a given alpha, else 1 (the tensors' own product).
+    fallback = {"lora_alpha": alpha} if alpha is not None else {}
+
+    def scale_of(module: str, r: int) -> float:
+        return module_scaling(config if scale_known else fallback, module, r=r).scale
+
     for module in sorted(groups, key=natural_key):
         parts = groups[module]
         if kind == "polar":
@@ -119,13 +127,8 @@ def modules_from_groups(
                     f"{tw}: module {module!r} lacks polar_{'/polar_'.join(missing)} (has {sorted(parts)}); {RESAVE}"
                 )
             x, y, theta = parts["X"], parts["Y"], parts["theta"]
-            expected_r = pattern_value(config.get("rank_pattern") or {}, module, config.get("r")) if scale_known else None
-            r = check_polar_factors(module, x, y, theta, tw, expected_r)
-            if scale_known:
-                scale = float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("alpha", r))) / r
-            else:
-                scale = float(alpha) / r if alpha is not None else 1.0
-            out.append(ModuleDelta.polar(module, x, y, theta, scale))
+            r = check_polar_factors(module, x, y, theta, tw, configured_rank(config, module) if scale_known else None)
+            out.append(ModuleDelta.polar(module, x, y, theta, scale_of(module, r)))
             continue
         if "A" not in parts or "B" not in parts:
             raise AdapterFormatError(
@@ -140,8 +143,7 @@ def modules_from_groups(
         if fused is not None:
             for pos, a_j, b_j in fused:
                 r = a_j.shape[0]
-                scale = lora_scale(config, module, r) if scale_known else (float(alpha) / r if alpha is not None else 1.0)
-                md = ModuleDelta.lora(f"{module}[{pos}]", "lora", a_j, b_j, scale)
+                md = ModuleDelta.lora(f"{module}[{pos}]", "lora", a_j, b_j, scale_of(module, r))
                 md.group = pos
                 out.append(md)
             continue
@@ -154,7 +156,7 @@ def modules_from_groups(
                 f"{tw}: module {module!r}: lora_A {tuple(a_mat.shape)} (r × in) and lora_B {tuple(b_mat.shape)} "
                 f"(out × r) do not chain: their ranks differ; {RESAVE}"
             )
-        scale = lora_scale(config, module, r) if scale_known else (float(alpha) / r if alpha is not None else 1.0)
+        scale = scale_of(module, r)
         core, theta = None, None
         if kind == "polar-reference":
             stored = parts["S"]

@@ -28,7 +28,9 @@ from .files import (
     load_state_dict_file,
     read_adapter_config,
 )
-from .keys import PEFT_PREFIX, keep_for_analysis, natural_key, parse_key, peft_type
+from polar.scaling import peft_type
+
+from .keys import PEFT_PREFIX, keep_for_analysis, natural_key, parse_key
 from .parse import filter_modules, linear_orientation, read_state_dict
 
 

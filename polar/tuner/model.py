@@ -20,9 +20,10 @@ from peft.utils import (
     resolve_quantization_backend,
 )
 from peft.utils.error import NoMatchingPeftModuleError
-from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from polar.scaling import module_scaling
 
 from .combine import COMBINATION_TYPES, LORA_ONLY_COMBINATION_TYPES, Factors, Term, available_rank, combine
 from .config import THETA_KINDS, PolarConfig
@@ -355,10 +356,8 @@ class PolarModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("PoLAR needs the module's key to resolve rank_pattern / alpha_pattern.")
-        rank_key = get_pattern_key(config.rank_pattern.keys(), current_key)
-        alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
-        r = int(config.rank_pattern.get(rank_key, config.r))
-        alpha = float(config.alpha_pattern.get(alpha_key, config.alpha))
+        scaling = module_scaling(config, current_key)
+        r, alpha = scaling.r, scaling.alpha
 
         if isinstance(target, PolarLayer):
             target.update_layer(
