@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from polar.conversion import export_lora
-from polar.formats import ADAPTER_CONFIG, read_adapter_config, read_adapter_weights
+from polar.formats import ADAPTER_CONFIG, ModuleDelta, parse_key, read_adapter_weights, read_path
 from polar.io import OVERWRITE_HINT, atomic_write_bytes, refuse_overlap
 
 #: Tensor types of the output (``--outtype``); f32 is the default: it holds an f32 adapter's factors exactly and an
@@ -132,8 +132,8 @@ def export_gguf(
         # The exact LoRA form (scaling folded into B, checks on shapes, ranks and finite values) is export_lora's:
         # one definition of the fold for both exports.
         lora_dir = export_lora(model_or_adapter_dir, Path(tmp) / "lora", adapter_name=adapter_name)
-        config = read_adapter_config(lora_dir)
-        state = read_adapter_weights(lora_dir)
+        lora = read_path(lora_dir)
+        config = lora.config
         where = _config_where(model_or_adapter_dir)
         base_name = base or config.get("base_model_name_or_path")
         if not base_name:
@@ -144,8 +144,8 @@ def export_gguf(
         tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch_name], int(base_config.num_hidden_layers))
 
         tensors: list[tuple[str, np.ndarray]] = []
-        pairs = _lora_pairs({k: v for k, v in state.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))})
-        for module, (a, b) in sorted(pairs.items()):
+        for md in sorted(lora.modules, key=lambda m: m.module):
+            module, (a, b) = md.module, _lora_pair(md)
             name, kind = _gguf_name(module, tensor_map, gguf, str(base_name))
             if permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
                 heads = _heads(base_config, kind == gguf.MODEL_TENSOR.ATTN_Q)
@@ -154,7 +154,7 @@ def export_gguf(
             tensors.append((f"{name}.lora_a", a))  # numpy (r, n_in) = ggml [n_in, r]
             tensors.append((f"{name}.lora_b", b))  # numpy (n_out, r) = ggml [r, n_out]
         # After the modules: an lm_head target also saves the (tied) embedding, and its own refusal says more.
-        _refuse_extras(config, state, where)
+        _refuse_extras(config, read_adapter_weights(lora_dir), where)
 
         arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch_name]]
         writer = gguf.GGUFWriter(Path(tmp) / "adapter.gguf", arch)
@@ -223,7 +223,7 @@ def _refuse_extras(config: dict[str, Any], state: dict[str, torch.Tensor], where
             f"{where}: modules_to_save {sorted(config['modules_to_save'])} are saved whole with the adapter; a "
             "llama.cpp LoRA adapter cannot carry them. Merge the adapter into the base and convert that model."
         )
-    extra = sorted(k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    extra = sorted(k for k in state if parse_key(k) is None)
     if extra:
         raise ValueError(
             f"{where}: the adapter holds tensors other than PoLAR factors ({', '.join(extra[:3])}); a llama.cpp LoRA "
@@ -231,16 +231,12 @@ def _refuse_extras(config: dict[str, Any], state: dict[str, torch.Tensor], where
         )
 
 
-def _lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """module name (without PEFT's prefix) -> (A, B) as float32 numpy arrays, A (r, n_in), B (n_out, r)."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        module, part = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        pairs.setdefault(module.removeprefix("base_model.model."), {})[part] = tensor
-    return {
-        module: tuple(t[part].detach().to(torch.float32).contiguous().numpy() for part in ("lora_A", "lora_B"))
-        for module, t in pairs.items()
-    }
+def _lora_pair(md: ModuleDelta) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) of one module of the LoRA export as float32 numpy arrays, A (r, n_in), B (n_out, r), B carrying the
+    export's LoRA scaling (1 by construction: each module's alpha / r is already folded into B)."""
+    a = md.right.detach().T.to(torch.float32)
+    b = md.left.detach().to(torch.float32) * md.scale
+    return a.contiguous().numpy(), b.contiguous().numpy()
 
 
 def _base_config(name: str) -> Any:
