@@ -1,4 +1,5 @@
-"""Benchmarks of the landing optimiser (issue 3). Writes a markdown report (``--out``) and prints it.
+"""Benchmarks of the landing optimiser (issue 3). Prints a markdown report and writes it to ``--out``; the result
+file (``--json``, default ``OUT.json``) holds each section's table with the machine, package versions and commit.
 
 Sections (all ratios are taken within one run, so machine-wide noise affects both sides alike):
 

@@ -74,23 +74,23 @@ import csv
 import hashlib
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import append_row, read_rows, spread, verify_stable_ranks  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/commonsense_smollm.py): the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness.fixtures import ROOT, TARGETS  # noqa: E402
+from benchmarks.harness.results import append_row, git_state, read_rows, spread, verify_stable_ranks  # noqa: E402
 from polar.io import utc_timestamp  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lm_eval"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "commonsense_smollm.jsonl"
 DEFAULT_RUNS = ROOT / "runs" / "commonsense_smollm"
 MODEL = "smollm2-135m"
 TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "social_iqa")
-TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 # The paper's rates (PoLAR 4e-3, LoRA/DoRA 4e-4) until the grid of step 1 chooses; override with --lr adapter=value.
 DEFAULT_LR = {"lora": 4e-4, "dora": 4e-4, "polar": 4e-3}
 LR_GRID = {"lora": (2e-4, 4e-4, 1e-3, 2e-3), "dora": (2e-4, 4e-4, 1e-3, 2e-3), "polar": (1e-3, 2e-3, 4e-3, 8e-3)}
@@ -144,20 +144,6 @@ def planned_setup(args: argparse.Namespace, task: str, adapter: str, variant: st
                      "optimizer_settings": extra, "r": r, "learning_rate": lr, "steps": args.steps,
                      "batch_size": args.batch_size, "cutoff": args.cutoff, "eval_limit": args.eval_limit,
                      "train": TRAIN, "seed": seed})
-
-
-def git_state() -> dict[str, Any]:
-    """The project's commit (``git rev-parse HEAD``) and whether tracked files differ from it (the results files
-    this script appends to excepted); nulls outside a git checkout."""
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": bool(changed)}
 
 
 def _eval_limit(args: argparse.Namespace) -> int | None:

@@ -43,7 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import polar
+if __package__ in (None, ""):  # run as a file (python benchmarks/gguf_llamacpp_check.py): the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import polar  # noqa: E402
+from benchmarks.harness.fixtures import tiny_llama  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -53,8 +57,6 @@ def hf_folder(name: str, work: Path) -> Path:
     """A Hugging Face folder llama.cpp's converter reads: SmolLM2's cached folder without its tokenizer.model (the
     file transformers writes there is not a sentencepiece model; tokenizer.json is used), or a tiny random Llama
     with SmolLM2's tokenizer (the converter needs one; only token ids are used here)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from polar.models import resolve_model
 
     smollm = Path(resolve_model("smollm2-135m"))
@@ -68,11 +70,8 @@ def hf_folder(name: str, work: Path) -> Path:
         for file in ("config.json", "generation_config.json", "model.safetensors"):
             (folder / file).symlink_to(smollm / file)
     else:
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                             bos_token_id=1, eos_token_id=2)
-        LlamaForCausalLM(config).save_pretrained(folder)
+        # SmolLM2's vocabulary (its tokenizer is copied beside), Llama's default bos / eos ids 1 and 2
+        tiny_llama(64, 2, inter=128, heads=4, kv=2, vocab=49152, seed=0).save_pretrained(folder)
     return folder
 
 

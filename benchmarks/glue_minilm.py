@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import append_row, read_rows, spread, verify_stable_ranks  # noqa: E402
+if __package__ in (None, ""):  # run as a file (python benchmarks/glue_minilm.py): the repository on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness.results import append_row, read_rows, spread, verify_stable_ranks  # noqa: E402
 from polar.io import utc_timestamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

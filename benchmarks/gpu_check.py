@@ -1,12 +1,16 @@
-"""The checks only a device can settle, in one run (issue 14); ``benchmarks/gpu_check.sh`` calls this.
+"""The checks only a device can settle, in one run (issue 14); ``benchmarks/gpu_check.sh`` calls this. The
+pass/fail checks (sections a's field, d, e, f) are also tests: ``tests/test_gpu.py`` (marked ``cuda``) calls the
+sections below; ``make gpu-check`` runs those tests and then this script's timings (sections a, b, c, g).
 
+    make gpu-check                                  # on a CUDA machine: the tests, then the timings
     bash benchmarks/gpu_check.sh                    # CUDA if visible (≤ 8 min on one H200), else the CPU small mode
     python benchmarks/gpu_check.py --small          # CPU: every section at small sizes, 2-4 min on 2 cores
     python benchmarks/gpu_check.py --sections a,e   # a subset
 
 Every result goes to ONE file, ``$OUT/gpu_check.jsonl`` (``$OUT`` defaults to ``./gpu_out``; ``--out`` overrides
 the file): one JSON object a line, rewritten atomically after each record, so a run cut short keeps what it
-measured and a rerun replaces the file. The first line describes the device and versions, the last one sums up.
+measured and a rerun replaces the file. The first line describes the device, machine, package versions and commit;
+the last one sums up.
 Each record has ``section``, ``name``, ``status`` (``pass`` / ``fail`` against the ``goal`` it states, ``info``
 for a measurement without a goal on this device, ``skip`` with a ``reason``, ``error`` with a traceback) and its
 figures. Exit status: 0 if nothing failed or raised, 1 otherwise.

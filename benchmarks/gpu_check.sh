@@ -9,7 +9,8 @@
 #
 # Every record states its goal and pass / fail (or info / skip with the reason); the last line sums up.
 # Rerunnable as is: the results file is replaced. Exit status 1 if a check failed or a section raised.
-# The multi-GPU FSDP2 / DDP checks stay in benchmarks/gpu_check_distributed.sh.
+# The multi-GPU FSDP2 / DDP checks stay in benchmarks/gpu_check_distributed.sh. `make gpu-check` runs the
+# pass/fail checks as tests (pytest -m cuda tests/test_gpu.py) and then this script's timings (--sections a,b,c,g).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}

@@ -8,7 +8,6 @@ Also the local-task generator: the stock task's prompt fields, only the data sou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import check_paired
+from benchmarks import commonsense_smollm as bench
 from helpers_train import save_tiny_llama, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,13 +27,6 @@ QUESTIONS = [
     ("the cat sat on the mat ?", ["yes", "no"], "A"),
     ("the dog ran in the park ?", ["no", "yes"], "B"),
 ]
-
-
-def _load_script(name: str = "commonsense_smollm"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _arc_folder(root: Path) -> Path:
@@ -64,7 +58,6 @@ def test_local_task_is_the_stock_task_with_only_the_data_source_changed(tmp_path
 
 
 def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
-    bench = _load_script()
     model = save_tiny_llama(tmp_path / "model")
     common = ["--data", str(_arc_folder(tmp_path / "data")), "--runs", str(tmp_path / "runs"),
               "--results", str(tmp_path / "results.jsonl"), "--model", str(model), "--eval-limit", "4",
@@ -155,7 +148,7 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     assert "(0 new or changed)" in capsys.readouterr().out
     assert json.loads(from_archive.read_text())["comparisons"] == result["comparisons"]
     # benchmarks/check_paired.py (no polar code) recomputes the result from the archive; a wrong number is caught
-    check = _load_script("check_paired")
+    check = check_paired
     assert check.main([str(from_archive), "--runs", str(archive), "--resamples", "500"]) == 0
     assert re.search(r"\d+ rows recomputed: largest difference", capsys.readouterr().out)
     wrong = json.loads(from_archive.read_text())
@@ -171,7 +164,6 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
 
 
 def test_every_setting_changes_the_cell_id():
-    bench = _load_script()
     base = {"model": "m", "task": "arc_easy", "adapter": "polar", "variant": "riemannian",
             "optimizer_settings": {"optimizer_mode": "riemannian"}, "r": 32, "learning_rate": 2e-3, "steps": 300,
             "batch_size": 8, "cutoff": 64, "eval_limit": 1000, "train": bench.TRAIN, "seed": 0}
@@ -189,7 +181,6 @@ def test_every_setting_changes_the_cell_id():
 
 
 def test_unknown_setting_of_a_variant_is_refused(monkeypatch):
-    bench = _load_script()
     monkeypatch.setitem(bench.POLAR_VARIANTS, "future", {"no_such_setting": 1})
     with pytest.raises(SystemExit, match="no_such_setting"):
         bench.main(["run", "--polar-variants", "future", "--data", "/nonexistent-but-checked-later"])
@@ -201,7 +192,6 @@ def _grid_row(adapter, variant, lr, acc, *, task="arc_easy", r=8, seed=0, steps=
 
 
 def test_learning_rates_chosen_from_the_recorded_grid(capsys):
-    bench = _load_script()
     rows = [
         _grid_row("lora", None, 4e-4, 0.60), _grid_row("lora", None, 1e-3, 0.65), _grid_row("lora", None, 2e-3, 0.65),
         _grid_row("polar", "riemannian", 4e-3, 0.62), _grid_row("polar", "riemannian", 8e-3, 0.58),
@@ -221,7 +211,6 @@ def test_learning_rates_chosen_from_the_recorded_grid(capsys):
 
 
 def test_learning_rate_flags(tmp_path):
-    bench = _load_script()
     assert bench._parse_lr("lora=1e-3,2e-3", ["riemannian"]) == {"lora": (1e-3, 2e-3)}
     assert bench._parse_lr("polar-landing=2e-3", ["riemannian", "landing"]) == {"polar-landing": (2e-3,)}
     assert bench._parse_lr("polar=1e-3", ["riemannian", "landing"]) == {

