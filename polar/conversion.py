@@ -67,7 +67,8 @@ def _check_polar_config(config: dict[str, Any], path: Path) -> None:
         raise AdapterFormatError(f"{path}: {err} Correct the field, or re-save the adapter with save_pretrained")
 
 
-def _config_where(source: Union[str, os.PathLike, nn.Module]) -> str:
+def config_where(source: Union[str, os.PathLike, nn.Module]) -> str:
+    """How messages name the config of an export's source: its adapter_config.json, or the model's peft_config."""
     if isinstance(source, nn.Module):
         return f"<{type(source).__name__}>.peft_config"
     return str(Path(source) / ADAPTER_CONFIG)
@@ -147,7 +148,7 @@ def export_lora(
         lora_config = _lora_config(config, lora_rank_pattern)
     except (KeyError, TypeError, ValueError) as err:
         raise AdapterFormatError(
-            f"{_config_where(model_or_adapter_dir)}: its settings cannot be written as a LoRA config "
+            f"{config_where(model_or_adapter_dir)}: its settings cannot be written as a LoRA config "
             f"({type(err).__name__}: {err}); correct adapter_config.json or re-save the adapter"
         ) from None
     with atomic_directory(out_dir, overwrite=overwrite, writes=EXPORT_FILES, command="polar export") as tmp:

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from polar.conversion import export_lora
-from polar.formats import ADAPTER_CONFIG, ModuleDelta, parse_key, read_adapter_weights, read_path
+from polar.conversion import config_where, export_lora
+from polar.formats import ModuleDelta, parse_key, read_adapter_weights, read_path
 from polar.io import OVERWRITE_HINT, atomic_write_bytes, refuse_overlap
 
 #: Tensor types of the output (``--outtype``); f32 is the default: it holds an f32 adapter's factors exactly and an
@@ -134,7 +134,7 @@ def export_gguf(
         lora_dir = export_lora(model_or_adapter_dir, Path(tmp) / "lora", adapter_name=adapter_name)
         lora = read_path(lora_dir)
         config = lora.config
-        where = _config_where(model_or_adapter_dir)
+        where = config_where(model_or_adapter_dir)
         base_name = base or config.get("base_model_name_or_path")
         if not base_name:
             raise ValueError(f"{where} records no base_model_name_or_path; pass the base model with --base (base=...), "
@@ -202,12 +202,6 @@ def _check_target(out_path: Path, overwrite: bool, gguf: Any) -> None:
             f"{out_path} is not a GGUF adapter; --overwrite (overwrite=True) replaces only a GGUF adapter. Choose "
             "another output file."
         )
-
-
-def _config_where(source: Union[str, os.PathLike, nn.Module]) -> str:
-    if isinstance(source, nn.Module):
-        return f"<{type(source).__name__}>.peft_config"
-    return str(Path(source) / ADAPTER_CONFIG)
 
 
 def _refuse_extras(config: dict[str, Any], state: dict[str, torch.Tensor], where: str) -> None:
