@@ -50,7 +50,7 @@ import polar  # noqa: E402
 from benchmarks.harness.fixtures import tiny_llama  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every projection
 
 
 def hf_folder(name: str, work: Path) -> Path:
@@ -88,7 +88,7 @@ def make_adapter(folder: Path, work: Path, theta_scale: float, seed: int, patter
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    config = polar.PolarConfig(r=8, alpha=16, target_modules=TARGETS,
+    config = polar.PolarConfig(r=8, alpha=16, target_modules=ALL_LINEAR,
                                rank_pattern={"down_proj": 4, "k_proj": 6} if patterns else {},
                                alpha_pattern={"up_proj": 32, "v_proj": 4} if patterns else {})
     torch.manual_seed(seed)  # X and Y: a given seed gives the same adapter, hence the same numbers, every run

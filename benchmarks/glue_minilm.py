@@ -42,7 +42,7 @@ MAIN_METRIC = {"cola": "matthews_correlation", "rte": "accuracy", "sst2": "accur
 LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "dora": (5e-4, 1e-3, 2e-3), "polar": (1e-3, 2e-3, 4e-3)}
 # Chosen on the grid of step 1 (see BENCHMARKS.md); override with --lr adapter=value.
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "polar": 2e-3}
-TARGETS = ("query", "key", "value", "dense")
+MINILM_TARGETS = ("query", "key", "value", "dense")  # every linear layer of a BERT block
 REFERENCE_LAMBDA = 5e-3  # the reference's commonsense λ
 
 
@@ -110,7 +110,7 @@ def run_cell(args: argparse.Namespace, task: str, adapter: str, r: int, lr: floa
         overwrite=True,
         r=r,
         alpha=float(2 * r),
-        target_modules=list(TARGETS),
+        target_modules=list(MINILM_TARGETS),
         learning_rate=lr,
         max_steps=args.steps,
         batch_size=args.batch_size,
