@@ -82,11 +82,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file (python benchmarks/commonsense_smollm.py): the repository on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness.fixtures import ROOT, TARGETS  # noqa: E402
+from benchmarks.harness.fixtures import REFERENCE_LAMBDA, ROOT, SHARED_DATA, TARGETS  # noqa: E402
 from benchmarks.harness.results import append_row, git_state, read_rows, spread, verify_stable_ranks  # noqa: E402
 from polar.io import utc_timestamp  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lm_eval"
+DEFAULT_DATA = SHARED_DATA / "lm_eval"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "commonsense_smollm.jsonl"
 DEFAULT_RUNS = ROOT / "runs" / "commonsense_smollm"
 MODEL = "smollm2-135m"
@@ -94,7 +94,6 @@ TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "social_iqa")
 # The paper's rates (PoLAR 4e-3, LoRA/DoRA 4e-4) until the grid of step 1 chooses; override with --lr adapter=value.
 DEFAULT_LR = {"lora": 4e-4, "dora": 4e-4, "polar": 4e-3}
 LR_GRID = {"lora": (2e-4, 4e-4, 1e-3, 2e-3), "dora": (2e-4, 4e-4, 1e-3, 2e-3), "polar": (1e-3, 2e-3, 4e-3, 8e-3)}
-REFERENCE_LAMBDA = 5e-3
 #: PoLAR optimiser variants: the polar.train settings each passes (flag names of `polar train --help`).
 POLAR_VARIANTS: dict[str, dict[str, Any]] = {
     # explicit, so that a cell means the same whatever the library's default mode becomes

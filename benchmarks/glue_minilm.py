@@ -30,11 +30,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file (python benchmarks/glue_minilm.py): the repository on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness.fixtures import REFERENCE_LAMBDA, ROOT, SHARED_DATA  # noqa: E402
 from benchmarks.harness.results import append_row, read_rows, spread, verify_stable_ranks  # noqa: E402
 from polar.io import utc_timestamp  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "glue"
+DEFAULT_DATA = SHARED_DATA / "glue"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "glue_minilm.jsonl"
 DEFAULT_RUNS = ROOT / "runs" / "glue_minilm"
 FOLDERS = {"cola": "CoLA", "rte": "RTE", "sst2": "SST-2", "stsb": "STS-B"}
@@ -43,7 +43,6 @@ LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "dora": (5e-4, 1e-3, 2e-3), "polar": (1e-
 # Chosen on the grid of step 1 (see BENCHMARKS.md); override with --lr adapter=value.
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "polar": 2e-3}
 MINILM_TARGETS = ("query", "key", "value", "dense")  # every linear layer of a BERT block
-REFERENCE_LAMBDA = 5e-3  # the reference's commonsense λ
 
 
 def _modes():

@@ -367,7 +367,7 @@ SECTIONS: dict[str, Callable[[Ctx, Results], None]] = {
 MISSING: dict[str, Callable[[Ctx], str | None]] = {"d": missing_d, "g": missing_g}
 
 
-def environment(ctx: Ctx, argv: list[str]) -> dict[str, Any]:
+def run_header(ctx: Ctx, argv: list[str]) -> dict[str, Any]:
     """The run's first record: device and mode, the command, and the harness's machine, versions and commit."""
     name = torch.cuda.get_device_name(ctx.device) if ctx.cuda else machine_cpu()
     return dict(device=ctx.device.type, device_name=name, threads=torch.get_num_threads(), mode=ctx.mode,
@@ -412,7 +412,7 @@ def _run(a: argparse.Namespace, argv: list[str], sizes: dict[str, Any] | None = 
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         ctx = Ctx(dev, mode, {**SIZES[mode], **(sizes or {})}, t_start + budget, Path(tmp))
-        res.add("env", "environment", "info", **environment(ctx, argv))
+        res.add("env", "environment", "info", **run_header(ctx, argv))
         for key in [s.strip() for s in a.sections.split(",") if s.strip()]:
             if key not in SECTIONS:
                 raise SystemExit(f"gpu_check: unknown section {key!r}; valid: {', '.join(sorted(SECTIONS))}")

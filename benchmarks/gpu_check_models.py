@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness.checks import Ctx, Results
-from benchmarks.harness.fixtures import ROOT, TARGETS, smollm2_missing, tiny_llama
+from benchmarks.harness.fixtures import SHARED_DATA, TARGETS, smollm2_missing, tiny_llama
 
 
 # ------------------------------------------------------------------------------------------------ d. bitsandbytes
@@ -171,7 +171,7 @@ def arc_accuracy(model: Any, tok: Any, docs: list[dict[str, Any]], device: torch
     return right / max(1, len(docs))
 
 
-ARC_DIR = ROOT.parent / "shared" / "data" / "lm_eval" / "arc_easy"
+ARC_DIR = SHARED_DATA / "lm_eval" / "arc_easy"
 
 
 def missing_g(ctx: Ctx) -> str | None:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the quality suites' data sets, beside the repository
+REFERENCE_LAMBDA = 5e-3  # the reference's landing λ (its commonsense recipe): the quality cells' baseline
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 SET7B = ((4096, 256), (11008, 64))  # (n, how many n × r factors) of Llama-2-7B's adapter set on TARGETS
 SET7B_THETAS = 160  # one r × r Θ per adapted module: 5 × 32 layers
