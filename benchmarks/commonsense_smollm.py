@@ -83,7 +83,9 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/commonsense_sm
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness.fixtures import REFERENCE_LAMBDA, ROOT, SHARED_DATA, TARGETS  # noqa: E402
-from benchmarks.harness.results import append_row, git_state, read_rows, spread, verify_stable_ranks  # noqa: E402
+from benchmarks.harness.results import (  # noqa: E402
+    append_row, cell_provenance, git_state, read_rows, spread, verify_stable_ranks,
+)
 from polar.io import utc_timestamp  # noqa: E402
 
 DEFAULT_DATA = SHARED_DATA / "lm_eval"
@@ -220,7 +222,7 @@ def run_cell(args: argparse.Namespace, tasks_dir: Path, task: str, adapter: str,
         "final_orth_error": summary["run"].get("final_orth_error") if adapter == "polar" else None,
         "seconds_per_step": float(summary["metrics"]["train_runtime"]) / steps,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "git": git_state(), "date": utc_timestamp(),
+        **cell_provenance(), "date": utc_timestamp(),
     }
 
 
@@ -342,8 +344,7 @@ def cmd_floor(args: argparse.Namespace) -> int:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         row = {"cell": cell, "model": args.model, "task": task, "adapter": "floor", "variant": None, "r": 0, "learning_rate": None,
                "seed": None, "steps": 0, "eval_limit": args.eval_limit, "metrics": metrics, "stable_ranks": None,
-               "eval_seconds": time.perf_counter() - started, "git": git_state(),
-               "date": utc_timestamp()}
+               "eval_seconds": time.perf_counter() - started, **cell_provenance(), "date": utc_timestamp()}
         append_row(Path(args.results), row)
         print(f"{cell}: acc {metrics['acc']:.4f}, acc_norm {metrics.get('acc_norm', float('nan')):.4f}", flush=True)
     return 0

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/glue_minilm.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness.fixtures import REFERENCE_LAMBDA, ROOT, SHARED_DATA  # noqa: E402
-from benchmarks.harness.results import append_row, read_rows, spread, verify_stable_ranks  # noqa: E402
+from benchmarks.harness.results import append_row, cell_provenance, read_rows, spread, verify_stable_ranks  # noqa: E402
 from polar.io import utc_timestamp  # noqa: E402
 
 DEFAULT_DATA = SHARED_DATA / "glue"
@@ -151,6 +151,7 @@ def run_cell(args: argparse.Namespace, task: str, adapter: str, r: int, lr: floa
         if adapter == "polar"
         else None,
         "seconds_per_step": float(summary["metrics"]["train_runtime"]) / steps,
+        **cell_provenance(),
         "date": utc_timestamp(),
     }
 

@@ -72,8 +72,9 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     assert all(re.fullmatch(p, r["cell"]) for p, r in zip(patterns, rows)) and len(rows) == 3
     lora, polar_row, floor = rows
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    for row in rows:  # every row carries the project's commit
+    for row in rows:  # every row carries the project's commit, the machine and the package versions
         assert row["git"]["commit"] == head and isinstance(row["git"]["dirty"], bool)
+        assert row["machine"]["cpu"] and row["versions"]["torch"] and row["versions"]["peft"]
     assert lora["eval_questions"] == 4 and lora["train"] == bench.TRAIN
     assert (tmp_path / "runs" / lora["cell"] / "eval_results_samples_arc_easy_local.jsonl").is_file()
     assert set(lora["median_stable_rank_by_type"]) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}

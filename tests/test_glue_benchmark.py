@@ -39,6 +39,9 @@ def test_cells_run_skip_verify_and_report(tmp_path, capsys, one_thread):
     assert rows[0]["peak_orth_error"] is None and all(r["peak_orth_error"] is not None for r in rows[1:])
     assert rows[3]["peak_orth_error"] < 1e-5 and rows[3]["final_orth_error"] < 1e-5
     for row in rows:
+        # where it ran: the commit (40 hex digits), the machine, the package versions
+        assert len(row["git"]["commit"]) == 40 and isinstance(row["git"]["dirty"], bool)
+        assert row["machine"]["cpu"] and row["versions"]["torch"] and row["versions"]["polar-peft"]
         assert row["metric"] == "accuracy"  # the recorded value is the cell's adapter's, recomputed here with PEFT
         assert row["value"] == pytest.approx(glue_accuracy(tmp_path / "runs" / row["cell"], tmp_path / "data" / "RTE" /
                                                            "dev.tsv", ["entailment", "not_entailment"], cutoff=16))

@@ -3,7 +3,8 @@
 The figures themselves are device measurements (not asserted); what is asserted are the checks with an
 independent reference (field vs the dense formula, GradScaler skipping an inf step, FSDP2 at world size 1 vs the
 unsharded run), the budget skip, and the file's round trip. Sections d (bitsandbytes) and g (SmolLM2) load real
-models and are left to the script's small mode (`bash benchmarks/gpu_check.sh`, 2-4 min on CPU).
+models and are left to the script's small mode (`bash benchmarks/gpu_check.sh`, 2-4 min on CPU). On CUDA the same
+checks run as tests in tests/test_gpu.py (`make gpu-check`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def test_sections_at_tiny_size_write_one_results_file(tmp_path, one_thread):
     recs = res.records
     assert [json.loads(line) for line in out.read_text().splitlines()] == json_safe(recs)
     assert recs[0]["name"] == "environment" and recs[0]["device"] == "cpu" and recs[0]["mode"] == "small"
+    assert recs[0]["machine"]["cpu"] and recs[0]["versions"]["torch"] and len(recs[0]["commit"]) == 40
     errors = [r for r in recs if r["status"] == "error"]
     assert not errors, errors[0].get("traceback")
     # a: the field equals the dense n × n formula (fp64, and fp32 in the grid cell); the timing half is not asserted

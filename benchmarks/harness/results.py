@@ -65,6 +65,13 @@ def environment(extra_packages: tuple[str, ...] = ()) -> dict[str, Any]:
     return {"machine": machine, "versions": versions, **git_state()}
 
 
+def cell_provenance() -> dict[str, Any]:
+    """What a quality suite's row records about where it ran: ``git`` (commit, dirty), ``machine``, ``versions``."""
+    env = environment()
+    return {"git": {"commit": env["commit"], "dirty": env["dirty"]}, "machine": env["machine"],
+            "versions": env["versions"]}
+
+
 def write_result(path: str | os.PathLike, suite: str, results: Any, started: str, argv: list[str] | None = None,
                  extra_packages: tuple[str, ...] = ()) -> Path:
     """One suite run as a JSON file, written atomically: the suite, its command line, when it started and
