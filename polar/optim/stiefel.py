@@ -122,9 +122,44 @@ def riemannian_gradient(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         return rgrad.mT if Xt is not X else rgrad
 
 
+#: Newton–Schulz computes (XᵀX)^(-1/2) when every ‖XᵀX − I‖_F of the batch is at most this; it converges for
+#: spectral norms below 1 (quadratically: an error e becomes (3e² + |e|³)/4), and from 0.5 in six iterations.
+NEWTON_SCHULZ_RADIUS = 0.5
+_NEWTON_SCHULZ_MAX_ITERATIONS = 8
+
+
 def _polar_coefficient(xtx: torch.Tensor) -> torch.Tensor:
+    """``(XᵀX)^(-1/2)``: by the coupled Newton–Schulz iteration near the identity (where the optimiser's Grams
+    are), by an eigendecomposition elsewhere. Both give the same matrix to the dtype's rounding (measured on
+    SmolLM2's steps: 2e-15 apart in float64); the iteration is a few batched r × r products, where LAPACK's eigh
+    runs matrix by matrix and cost ≈ 25 % of the default step."""
+    eye = _eye_like(xtx)
+    dev = xtx - eye
+    radius = float(torch.linalg.matrix_norm(dev).max()) if xtx.numel() else 0.0
+    if radius <= NEWTON_SCHULZ_RADIUS:
+        return eye + _newton_schulz_inverse_sqrt_residual(dev, radius)
     evals, evecs = torch.linalg.eigh(xtx)
     return (evecs * evals.clamp_min(torch.finfo(xtx.dtype).tiny).rsqrt().unsqueeze(-2)) @ evecs.mT
+
+
+def _newton_schulz_inverse_sqrt_residual(dev: torch.Tensor, radius: float) -> torch.Tensor:
+    """``(I + dev)^(-1/2) − I`` for symmetric ``dev`` with ‖dev‖_F ≤ ``radius`` < 1.
+
+    The coupled iteration Y ← Y T, Z ← T Z with T = (3I − Z Y) / 2 from Y = I + dev, Z = I (Y → (I + dev)^(1/2),
+    Z → (I + dev)^(-1/2)), written for the deviations y = Y − I, z = Z − I, t = T − I so that rounding is relative
+    to the small deviations rather than to I. The iteration count follows the error bound from ``radius``.
+    """
+    eps = torch.finfo(dev.dtype).eps
+    iterations, bound = 0, radius
+    while bound > eps and iterations < _NEWTON_SCHULZ_MAX_ITERATIONS:
+        bound, iterations = (3 * bound**2 + bound**3) / 4, iterations + 1
+    y, z = dev, torch.zeros_like(dev)
+    for _ in range(iterations):
+        t = torch.baddbmm(z + y, z, y) if z.ndim == 3 else torch.addmm(z + y, z, y)
+        t = t.mul_(-0.5)
+        y = y + t + y @ t
+        z = z + t + t @ z
+    return z
 
 
 def _cholesky_r(xtx: torch.Tensor) -> torch.Tensor:
