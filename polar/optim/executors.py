@@ -26,11 +26,15 @@ from .modes import Mode, PostStep
 from .sharding import RowSharding, local_tensor
 from .stiefel import Stiefel, compute_dtype, orthogonality_error_from_gram
 
-__all__ = ["Bucket", "CPU_CHUNK_BYTES", "Workspace", "finish", "gather", "plan_chunks", "prepare"]
+__all__ = ["Bucket", "CPU_CHUNK_BYTES", "CPU_STACK_BYTES", "Workspace", "finish", "gather", "plan_chunks", "prepare"]
 
-#: CPU chunks: factors of at least this many bytes go one at a time (per factor); smaller ones are stacked up to
-#: it, so that a chunk's X, G, field and old copy stay in a 2 MiB L2 cache.
+#: CPU chunks: factors of at least this many bytes go one at a time (per factor: one factor's X, G, field and old
+#: copy stay in cache between its Gram and its field, and stacking them would copy what is used once).
 CPU_CHUNK_BYTES = 512 << 10
+#: Smaller CPU factors are stacked up to this many bytes a chunk: on SmolLM2-135M's factor set (24–196 KiB each)
+#: every kernel call cost more than its arithmetic, and 8 MiB stacks took the step to 0.70× of 512 KiB stacks (two
+#: threads, interleaved; one thread 0.88×), fewer calls outweighing the copies.
+CPU_STACK_BYTES = 8 << 20
 
 
 @dataclass
@@ -86,12 +90,17 @@ class Workspace:
 def plan_chunks(bucket: Bucket, device: torch.device, chunk_bytes: Optional[int]) -> int:
     """Factors per chunk (the dispatcher). From the *global* shape: on row shards every chunk issues a collective,
     so all ranks must chunk alike although their local rows differ. ``chunk_bytes``: ``None`` chooses (per factor
-    on CPU for factors ≥ :data:`CPU_CHUNK_BYTES`, CPU stacks up to it otherwise, whole buckets on GPU and on row
-    shards); ``0`` whole buckets; ``> 0`` stacks of at most that many bytes."""
+    on CPU for factors ≥ :data:`CPU_CHUNK_BYTES`, CPU stacks of up to :data:`CPU_STACK_BYTES` otherwise, whole
+    buckets on GPU and on row shards); ``0`` whole buckets; ``> 0`` stacks of at most that many bytes."""
     per = max(1, bucket.shape[0] * bucket.shape[1]) * torch.empty((), dtype=bucket.compute_dtype).element_size()
     if chunk_bytes is None:
         sharded = bucket.sharding is not None and bool(bucket.sharding.mesh_dims)
-        chunk_bytes = CPU_CHUNK_BYTES if device.type == "cpu" and not sharded else 0
+        if device.type != "cpu" or sharded:
+            chunk_bytes = 0
+        elif per >= CPU_CHUNK_BYTES:
+            return 1
+        else:
+            chunk_bytes = CPU_STACK_BYTES
     if chunk_bytes <= 0:
         return len(bucket.params)
     return max(1, min(len(bucket.params), chunk_bytes // per))
@@ -146,23 +155,34 @@ def prepare(bucket: Bucket, workspace: Workspace) -> None:
 @torch.no_grad()
 def finish(bucket: Bucket) -> None:
     """After AdamW's step: the post-step ``B P + A Q`` of each chunk (``B``: the factors now, ``A``: before),
-    computed into the field buffer (free once AdamW has read it) and written into the factors."""
+    computed into the field buffer (free once AdamW has read it) and written into the factors.
+
+    The ``r × r`` coefficients of the whole bucket are computed at once, between a pass that forms each chunk's
+    Grams and a pass that applies them: a few batched kernels per bucket instead of a few dozen per chunk (per
+    factor on CPU), where each kernel launch cost more than the ``r × r`` arithmetic itself."""
     post = bucket.post
     if post is None:
         return
     cdt = bucket.compute_dtype  # (every mode with a post-step has a direction, so bucket.fed exists)
-    for lo in range(0, len(bucket.params), bucket.chunk):
-        hi = min(len(bucket.params), lo + bucket.chunk)
+    k = len(bucket.params)
+    chunks = [(lo, min(k, lo + bucket.chunk)) for lo in range(0, k, bucket.chunk)]
+    parts: dict[str, list[torch.Tensor]] = {}
+    for lo, hi in chunks:
         B = gather(bucket.params[lo:hi], bucket.wide, cdt)
         pairs = {"ntn": (B, B)}
         if post.needs_old:
             pairs["xtn"] = (bucket.old[lo:hi], B)
-        grams = bucket.manifold.grams(**pairs)
-        if post.needs_old:
-            grams["xtx"] = bucket.xtx[lo:hi]
-        P, Q = post.coefficients(grams, bucket.options)
-        out = torch.bmm(B, P.to(cdt), out=bucket.fed[lo:hi])
+        for name, gram in bucket.manifold.grams(**pairs).items():
+            parts.setdefault(name, []).append(gram)
+    grams = {name: grams[0] if len(grams) == 1 else torch.cat(grams) for name, grams in parts.items()}
+    if post.needs_old:
+        grams["xtx"] = bucket.xtx
+    P, Q = post.coefficients(grams, bucket.options)
+    P, Q = P.to(cdt), None if Q is None else Q.to(cdt)
+    for lo, hi in chunks:
+        B = gather(bucket.params[lo:hi], bucket.wide, cdt)
+        out = torch.bmm(B, P[lo:hi], out=bucket.fed[lo:hi])
         if Q is not None:
-            out.baddbmm_(bucket.old[lo:hi], Q.to(cdt))
+            out.baddbmm_(bucket.old[lo:hi], Q[lo:hi])
         for p, value in zip(bucket.params[lo:hi], out):
             local_tensor(p).copy_(value.mT if bucket.wide else value)
