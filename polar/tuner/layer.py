@@ -11,6 +11,8 @@ from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from polar.scaling import ModuleScaling
+
 from .config import PolarConfig
 
 # Expected Frobenius norm of ΔW for a random start (init_weights=False).
@@ -88,7 +90,7 @@ class PolarLayer(BaseTunerLayer):
             )
         self.r[adapter_name] = r
         self.alpha[adapter_name] = alpha
-        self.scaling[adapter_name] = alpha / r
+        self.scaling[adapter_name] = ModuleScaling(r, alpha).scale
         dropout = nn.Dropout(p=config.dropout) if config.dropout > 0.0 else nn.Identity()
         self.polar_dropout[adapter_name] = dropout
 
@@ -222,14 +224,29 @@ class PolarLinear(nn.Module, PolarLayer):
                 delta = self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
                 self.set_base_weight(weight - delta)
 
-    def _polar_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """s · x Y Θᵀ Xᵀ for row inputs ``x``, cost O((in + out) r) per row; ΔW is never formed."""
+    def _polar_hidden(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x Y Θᵀ for row inputs ``x`` (rows × r), in the adapter's dtype."""
         y_factor = self.polar_Y[name]
         h = self._cast_input_dtype(self.polar_dropout[name](x), y_factor.dtype)
         h = h @ y_factor
         theta = self.polar_theta[name]
-        h = h * theta if theta.ndim == 1 else h @ theta.T
-        return (h @ self.polar_X[name].T) * self.scaling[name]
+        return h * theta if theta.ndim == 1 else h @ theta.T
+
+    def _polar_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s · x Y Θᵀ Xᵀ for row inputs ``x``, cost O((in + out) r) per row; ΔW is never formed."""
+        return (self._polar_hidden(name, x) @ self.polar_X[name].T) * self.scaling[name]
+
+    def _add_polar_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + s · x Y Θᵀ Xᵀ``. Where the dtypes agree, as one ``addmm`` whose ``alpha`` is the scale: the
+        output-width delta is never written, scaled and re-read (two passes over rows × out per layer, forward,
+        and one backward, that a separate scale and add cost)."""
+        h = self._polar_hidden(name, x)
+        x_factor = self.polar_X[name]
+        if result.dtype != x_factor.dtype or h.dtype != x_factor.dtype:
+            return result + (h @ x_factor.T * self.scaling[name]).to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), x_factor.T,
+                          alpha=self.scaling[name])
+        return out.view(result.shape)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
         """Row i of the batch through adapter ``adapter_names[i]`` only ("__base__": through none)."""
@@ -269,7 +286,7 @@ class PolarLinear(nn.Module, PolarLayer):
                 result = self.quantization_backend.maybe_clone_base_result(result)
             for name in self.active_adapters:
                 if name in self.polar_X:
-                    result = result + self._polar_delta(name, x).to(result.dtype)
+                    result = self._add_polar_delta(name, x, result)
         return result.to(previous_dtype)
 
     def __repr__(self) -> str:
