@@ -21,7 +21,7 @@ import torch
 
 # What ``make_optimizer`` / ``polar train`` use when nothing is given; defined in a leaf module that PolarConfig
 # also reads, so the tuner does not import the optimiser.
-from polar.optimizer_defaults import DEFAULT_LAMBDA, DEFAULT_MODE
+from polar.optimizer_defaults import DEFAULT_LAMBDA, DEFAULT_MODE, DEFAULT_RETRACTION
 
 from .landing import landing_field_from_grams
 from .stiefel import RETRACTIONS, Grams, sym, tangent_projection
@@ -42,7 +42,6 @@ __all__ = [
     "validate",
 ]
 
-DEFAULT_RETRACTION = "polar"
 
 #: ``(X, G, grams, lam, out) -> field`` on a batch ``k × n × r`` of local rows; ``grams`` holds the reduced
 #: ``xtx`` and ``gtx``; ``lam`` is λ with the sign that ``maximize`` asks for.
