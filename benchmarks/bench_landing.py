@@ -31,10 +31,10 @@ Memory on CPU: the torch profiler's per-op allocation events (``profile_memory=T
 it began; "steady" is parameters + gradients + optimiser state (exact byte counts). On CUDA,
 ``torch.cuda.max_memory_allocated`` is used instead (peak minus the allocation at step start).
 
-    .venv/bin/python benchmarks/bench_landing.py --out /tmp/bench_landing.md
+    .venv/bin/python benchmarks/bench_landing.py --out bench_landing.md
     .venv/bin/python benchmarks/bench_landing.py --device cuda --out bench_cuda.md   # see gpu_check.sh
-    .venv/bin/python benchmarks/bench_landing.py --sections peers --set-reps 7 --out /tmp/bench_peers.md
-    .venv/bin/python benchmarks/bench_landing.py --sections smollm2-step,smollm2-profile --train-reps 15 --out /tmp/smollm2.md
+    .venv/bin/python benchmarks/bench_landing.py --sections peers --set-reps 7 --out bench_peers.md
+    .venv/bin/python benchmarks/bench_landing.py --sections smollm2-step,smollm2-profile --train-reps 15 --out smollm2.md
 """
 
 from __future__ import annotations

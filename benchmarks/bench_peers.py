@@ -11,7 +11,7 @@ Peers (the optional ``bench`` extra; ``pip install --no-deps geoopt==0.5.1 pogo-
 ``(k, n, r)`` stack per shape (``rows=False``: column-orthonormal factors).
 
 Floor: the riemannian step needs 12 n r² flops per factor (XᵀG, X·sym(XᵀG), XᵀD, X·sym(XᵀD), the retraction's
-Gram and its n × r · r × r product; /work/shared/REFERENCE.md §7), the landing step 8 n r² (XᵀX, GᵀX, G·XᵀX,
+Gram and its n × r · r × r product; the project's reference notes, §7), the landing step 8 n r² (XᵀX, GᵀX, G·XᵀX,
 X·(GᵀX − λ(XᵀX − I))), each plus one AdamW pass. The flops are priced at the sgemm rate measured in the same loop
 on the same shapes (per factor, a (n × r)ᵀ(n × r) Gram and a (n × r)(r × r) product, inputs read from the set's
 own tensors, outputs into one reused buffer per shape), the AdamW pass at the measured fused AdamW step.

@@ -49,10 +49,10 @@ default optimiser, named explicitly) and ``landing`` (the reference landing, λ 
 to change when the optimiser flags change.
 
 Sizing, measured here. With the 2 cores shared by another benchmark (load ≈ 8), one PoLAR r = 8 cell of 20 steps
-took 49.5 s/step (``benchmarks/results/commonsense_smollm_sizing.jsonl``). Unshared (fourth session), a step of
+took 49.5 s/step (``benchmarks/results/commonsense_smollm_sizing.jsonl``). On the unshared machine, a step of
 batch 8 × cutoff 64 takes 2.4–2.8 s (LoRA, r = 8) and scoring 200 ARC-Easy questions (800 log-likelihood requests)
 52 s, so one cell of 60 steps is ≈ 4 min. The defaults follow: ``--steps 60`` (480 examples, a fifth of an epoch of
-ARC-Easy: enough for LoRA and PoLAR to beat the zero-shot floor by 9–10 points acc, BENCHMARKS.md) and
+ARC-Easy: enough for LoRA and PoLAR to beat the zero-shot floor on ARC-Easy, BENCHMARKS.md) and
 ``--eval-limit 200`` (the first 200 docs of the split lm-eval scores: ARC test, PIQA / WinoGrande / Social IQa
 validation; a fixed subset, the same for every cell and the floor; one standard error ≈ 3.5 points). A slice of
 one task × r ∈ {8, 32} × LoRA / DoRA / PoLAR (2 variants) × 2 seeds = 16 cells takes ≈ 65–75 min unshared. The

@@ -15,7 +15,7 @@ With ``--trap`` it also measures the route through llama.cpp's own ``convert_lor
 
 Usage (after ``pip install llama-cpp-python==0.3.36`` and unpacking its sdist to find vendor/llama.cpp):
 
-    python benchmarks/gguf_llamacpp_check.py --llama-cpp-src SDIST/vendor/llama.cpp --work /tmp/gguf_check
+    python benchmarks/gguf_llamacpp_check.py --llama-cpp-src SDIST/vendor/llama.cpp --work WORK_DIR
 
 Exits 1 when an f32 adapter's effect differs by more than ``--tolerance`` (default 5e-3 on the tiny Llama, 3e-2 on
 SmolLM2). Measured with llama-cpp-python 0.3.36 (CPU build, GGML_NATIVE=OFF), seeds 0-4, 32 tokens:

@@ -2,7 +2,7 @@
 
 Every cell (task, adapter, r, learning rate, seed) is one ``polar.train`` run, evaluated with ``polar.evaluate``
 and analysed with ``polar.analyze`` — the code users run. Each finished cell appends one JSON line to the
-results file, and cells already there are skipped, so the grid runs in slices that each fit in a session:
+results file, and cells already there are skipped, so the grid runs in slices, each a bounded job that can be stopped and resumed:
 
     # 1. learning-rate grid on one task (one seed, r = 8)
     .venv/bin/python benchmarks/glue_minilm.py run --tasks rte --ranks 8 --seeds 0 --lr-grid
