@@ -33,14 +33,20 @@ def _imported_modules(path: Path) -> set[str]:
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package if node.level else ""
-            module = ".".join(p for p in (base, node.module or "") if p)
-            found.add(module)
-            found.update(f"{module}.{alias.name}" for alias in node.names)
+        found |= _names_imported(node, package)
     return found
+
+
+def _names_imported(node: ast.AST, package: str) -> set[str]:
+    """The modules an import statement names (``from m import a`` gives ``m`` and ``m.a``), relative ones resolved
+    against ``package``; nothing for other nodes."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if isinstance(node, ast.ImportFrom):
+        base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package if node.level else ""
+        module = ".".join(p for p in (base, node.module or "") if p)
+        return {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return set()
 
 
 def test_no_file_in_the_tuner_imports_the_optimiser() -> None:
@@ -132,13 +138,7 @@ def _load_time_imports(path: Path, root: Path, known: set[str]) -> set[str]:
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
                 visit(node.orelse)
                 continue
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package if node.level else ""
-                module = ".".join(p for p in (base, node.module or "") if p)
-                found.add(module)
-                found.update(f"{module}.{alias.name}" for alias in node.names)  # kept only where a module
+            found.update(_names_imported(node, package))  # "m.a" kept only where a module
             for child in ("body", "orelse", "finalbody", "handlers"):
                 block = getattr(node, child, None)
                 if isinstance(block, list) and block and isinstance(block[0], (ast.stmt, ast.excepthandler)):
