@@ -17,6 +17,7 @@ The r × r work of a chunk is batched either way; every product that sums over r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -153,13 +154,15 @@ def prepare(bucket: Bucket, workspace: Workspace) -> None:
 
 
 @torch.no_grad()
-def finish(bucket: Bucket) -> None:
+def finish(bucket: Bucket, update: Optional[Callable[[list[torch.Tensor]], None]] = None) -> None:
     """After AdamW's step: the post-step ``B P + A Q`` of each chunk (``B``: the factors now, ``A``: before),
     computed into the field buffer (free once AdamW has read it) and written into the factors.
 
     The ``r × r`` coefficients of the whole bucket are computed at once, between a pass that forms each chunk's
     Grams and a pass that applies them: a few batched kernels per bucket instead of a few dozen per chunk (per
-    factor on CPU), where each kernel launch cost more than the ``r × r`` arithmetic itself."""
+    factor on CPU), where each kernel launch cost more than the ``r × r`` arithmetic itself. ``update``: AdamW's
+    update of a chunk's factors, run just before that chunk's Grams, which then read the factors while they are
+    still in cache."""
     post = bucket.post
     if post is None:
         return
@@ -168,6 +171,8 @@ def finish(bucket: Bucket) -> None:
     chunks = [(lo, min(k, lo + bucket.chunk)) for lo in range(0, k, bucket.chunk)]
     parts: dict[str, list[torch.Tensor]] = {}
     for lo, hi in chunks:
+        if update is not None:
+            update(bucket.params[lo:hi])
         B = gather(bucket.params[lo:hi], bucket.wide, cdt)
         pairs = {"ntn": (B, B)}
         if post.needs_old:

@@ -6,8 +6,9 @@ under any training loop)::
     buckets   the "stiefel" factors with gradients, by layout (mode, options, shape, dtype, device, row sharding)
     prepare   per bucket (executors): Grams → orthogonality error → the mode's direction into a field buffer
     AdamW     over every group, the fields standing in for the factors' gradients (the raw gradients are put
-              back afterwards); fused kernels where PyTorch has them for the device
-    finish    per bucket: the mode's post-step (tangent projection + retraction, retraction, safe step)
+              back afterwards); fused kernels where PyTorch has them for the device (:mod:`.adamw_update`)
+    finish    per bucket: the mode's post-step (tangent projection + retraction, retraction, safe step); the
+              factors of such buckets take their AdamW update here, chunk by chunk, just before its Grams
     stabilize every ``stabilize_every`` steps: exact re-orthonormalisation, Θ absorbs it, moments carried along
 
 Roles and options are *param-group options* (``polar_role``, ``polar_factor``, ``polar_block``, ``mode``,
@@ -24,12 +25,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
-from torch.optim.adamw import adamw
 
+from .adamw_update import adamw_update, ensure_state
 from .executors import Bucket, Workspace, finish, gather, plan_chunks, prepare
 from .guard import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonFiniteGuard, check_saved_state
 from .modes import DEFAULT_LAMBDA, DEFAULT_MODE, DEFAULT_RETRACTION, MODES, POST_STEPS, validate
-from .sharding import check_stiefel_param, gram_reduction, is_dtensor, like_param, local_tensor, stiefel_sharding
+from .sharding import check_stiefel_param, gram_reduction, like_param, local_tensor, stiefel_sharding
 from .stabilize import reorthonormalize_triples, transport_factor_moment, transport_state, transport_theta_moment
 from .stiefel import Stiefel, compute_dtype, no_autocast
 
@@ -48,8 +49,6 @@ _POLAR_DEFAULTS: dict[str, Any] = {
     "stabilize_every": 0,
     "polar_steps": 0,  # optimiser steps taken by this group (drives stabilize_every; saved in state_dict)
 }
-_FUSED_DEVICES = ("cpu", "cuda")
-_STEP_DTYPE = defaultdict(lambda: torch.float32, {torch.float64: torch.float64})
 
 
 class LandingAdamW(torch.optim.AdamW):
@@ -203,12 +202,16 @@ class LandingAdamW(torch.optim.AdamW):
                     self._check_starts_on_manifold(torch.cat(bucket.errors), bucket)
             raw = self._feed_fields(buckets)
             try:
-                self._adamw()
+                # Factors whose mode has a post-step take AdamW's update chunk by chunk inside finish(), right
+                # before the post-step's Grams read them (still in cache); everything else in one pass here.
+                wake = [b for b in buckets if b.post is not None]
+                group_of = {id(p): g for g in self.param_groups if g["polar_role"] == "stiefel" for p in g["params"]}
+                self._adamw(skip={id(p) for b in wake for p in b.params})
+                for bucket in wake:
+                    finish(bucket, update=lambda params: self._adamw_params(params, group_of))
             finally:
                 for p, g in raw:
                     p.grad = g
-            for bucket in buckets:
-                finish(bucket)
             for group in self.param_groups:
                 if group["polar_role"] == "stiefel":
                     group["polar_steps"] += 1
@@ -262,48 +265,22 @@ class LandingAdamW(torch.optim.AdamW):
                 p.grad = like_param(f.to(p.dtype) if f.dtype != p.dtype else f, p)  # a DTensor again under FSDP2
         return raw
 
-    def _adamw(self) -> None:
-        """torch's AdamW update over every group, through its public functional form with torch's state layout."""
+    def _adamw(self, skip: frozenset[int] | set[int] = frozenset()) -> None:
+        """torch's AdamW update over every group (but the parameters whose ids are in ``skip``); the state of every
+        parameter with a gradient exists afterwards."""
         for group in self.param_groups:
-            params, grads, avgs, sqs, maxes, steps = [], [], [], [], [], []
-            fused = group["fused"]
-            if fused is None and group["foreach"] is None and not group["differentiable"]:
-                # Only where the fused kernel is right: plain CPU / CUDA float tensors whose parameter and gradient
-                # are both contiguous. Measured (torch 2.14, CPU): with a column-major parameter (e.g. a clone of
-                # torch.linalg.qr's Q) and a row-major gradient the fused kernel takes a wrong step.
-                fused = bool(group["params"]) and all(
-                    not is_dtensor(p) and p.device.type in _FUSED_DEVICES and p.is_floating_point()
-                    and p.is_contiguous() and (p.grad is None or p.grad.is_contiguous()) for p in group["params"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:  # torch's layout: a non-fused counter on the CPU in the default float dtype
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) \
-                        if fused or group["capturable"] else torch.tensor(0.0, dtype=_STEP_DTYPE[torch.get_default_dtype()])
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif fused and state["step"].device != p.device:  # a checkpoint saved by a non-fused AdamW
-                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-                params.append(p)
-                grads.append(p.grad)
-                avgs.append(state["exp_avg"])
-                sqs.append(state["exp_avg_sq"])
-                if group["amsgrad"]:
-                    maxes.append(state["max_exp_avg_sq"])
-                steps.append(state["step"])
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            adamw(params, grads, avgs, sqs, maxes, steps, foreach=group["foreach"], fused=fused or None,
-                  capturable=group["capturable"], differentiable=group["differentiable"],
-                  has_complex=any(torch.is_complex(p) for p in params), amsgrad=group["amsgrad"], beta1=beta1,
-                  beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                  maximize=group["maximize"])
+            ensure_state(self.state, group, [p for p in group["params"] if p.grad is not None])
+        for group in self.param_groups:
+            adamw_update(self.state, group, [p for p in group["params"] if p.grad is not None and id(p) not in skip])
+
+    def _adamw_params(self, params: list[torch.Tensor], group_of: dict[int, dict[str, Any]]) -> None:
+        """torch's AdamW update of ``params`` only, each with its own group's settings."""
+        by_group: dict[int, tuple[dict[str, Any], list[torch.Tensor]]] = {}
+        for p in params:
+            group = group_of[id(p)]
+            by_group.setdefault(id(group), (group, []))[1].append(p)
+        for group, members in by_group.values():
+            adamw_update(self.state, group, members)
 
     # ------------------------------------------------------------------ stabilize_every
     def _stabilize_due(self) -> None:
