@@ -31,11 +31,11 @@ def takes_fused_kernel(group: dict[str, Any]) -> bool:
         and p.is_contiguous() and (p.grad is None or p.grad.is_contiguous()) for p in group["params"])
 
 
-def ensure_state(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any], members: list[torch.Tensor]) -> None:
+def ensure_state(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any], members: list[torch.Tensor],
+                 fused: bool) -> None:
     """AdamW's state for ``members`` (parameters of ``group`` with gradients) where they have none yet, in torch's
-    layout; called for every group in parameter order before any update, so that ``state_dict()`` lists the state
-    in the order torch's AdamW would, whichever order the updates then run in."""
-    fused = takes_fused_kernel(group)
+    layout for the kernel ``fused`` says; called for every group in parameter order before any update, so that
+    ``state_dict()`` lists the state in the order torch's AdamW would, whichever order the updates then run in."""
     for p in members:
         if p.grad.is_sparse:
             raise RuntimeError("AdamW does not support sparse gradients")
@@ -51,12 +51,14 @@ def ensure_state(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any
             st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
 
-def adamw_update(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any], members: list[torch.Tensor]) -> None:
-    """torch's AdamW step of ``members`` (parameters of ``group`` with gradients); ``state``: the optimiser's."""
+def adamw_update(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any], members: list[torch.Tensor],
+                 fused: bool) -> None:
+    """torch's AdamW step of ``members`` (parameters of ``group`` with gradients); ``state``: the optimiser's;
+    ``fused``: :func:`takes_fused_kernel` of the group (judged once a step: it reads every parameter of the group,
+    and a bucket's chunks call this once each)."""
     if not members:
         return
-    ensure_state(state, group, members)
-    fused = takes_fused_kernel(group)
+    ensure_state(state, group, members, fused)
     params, grads, avgs, sqs, maxes, steps = [], [], [], [], [], []
     for p in members:
         st = state[p]

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from .adamw_update import adamw_update, ensure_state
+from .adamw_update import adamw_update, ensure_state, takes_fused_kernel
 from .executors import Bucket, Workspace, finish, gather, plan_chunks, prepare
 from .guard import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonFiniteGuard, check_saved_state
 from .modes import DEFAULT_LAMBDA, DEFAULT_MODE, DEFAULT_RETRACTION, MODES, POST_STEPS, validate
@@ -206,9 +206,10 @@ class LandingAdamW(torch.optim.AdamW):
                 # before the post-step's Grams read them (still in cache); everything else in one pass here.
                 wake = [b for b in buckets if b.post is not None]
                 group_of = {id(p): g for g in self.param_groups if g["polar_role"] == "stiefel" for p in g["params"]}
-                self._adamw(skip={id(p) for b in wake for p in b.params})
+                fused = {id(g): takes_fused_kernel(g) for g in self.param_groups}  # once: it reads every parameter
+                self._adamw(fused, skip={id(p) for b in wake for p in b.params})
                 for bucket in wake:
-                    finish(bucket, update=lambda params: self._adamw_params(params, group_of))
+                    finish(bucket, update=lambda params: self._adamw_params(params, group_of, fused))
             finally:
                 for p, g in raw:
                     p.grad = g
@@ -265,22 +266,24 @@ class LandingAdamW(torch.optim.AdamW):
                 p.grad = like_param(f.to(p.dtype) if f.dtype != p.dtype else f, p)  # a DTensor again under FSDP2
         return raw
 
-    def _adamw(self, skip: frozenset[int] | set[int] = frozenset()) -> None:
+    def _adamw(self, fused: dict[int, bool], skip: frozenset[int] | set[int] = frozenset()) -> None:
         """torch's AdamW update over every group (but the parameters whose ids are in ``skip``); the state of every
-        parameter with a gradient exists afterwards."""
+        parameter with a gradient exists afterwards. ``fused``: each group's kernel choice, by ``id(group)``."""
         for group in self.param_groups:
-            ensure_state(self.state, group, [p for p in group["params"] if p.grad is not None])
+            ensure_state(self.state, group, [p for p in group["params"] if p.grad is not None], fused[id(group)])
         for group in self.param_groups:
-            adamw_update(self.state, group, [p for p in group["params"] if p.grad is not None and id(p) not in skip])
+            adamw_update(self.state, group, [p for p in group["params"] if p.grad is not None and id(p) not in skip],
+                         fused[id(group)])
 
-    def _adamw_params(self, params: list[torch.Tensor], group_of: dict[int, dict[str, Any]]) -> None:
+    def _adamw_params(self, params: list[torch.Tensor], group_of: dict[int, dict[str, Any]],
+                      fused: dict[int, bool]) -> None:
         """torch's AdamW update of ``params`` only, each with its own group's settings."""
         by_group: dict[int, tuple[dict[str, Any], list[torch.Tensor]]] = {}
         for p in params:
             group = group_of[id(p)]
             by_group.setdefault(id(group), (group, []))[1].append(p)
         for group, members in by_group.values():
-            adamw_update(self.state, group, members)
+            adamw_update(self.state, group, members, fused[id(group)])
 
     # ------------------------------------------------------------------ stabilize_every
     def _stabilize_due(self) -> None:
