@@ -53,12 +53,11 @@ def ensure_state(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any
 
 def adamw_update(state: dict[torch.Tensor, dict[str, Any]], group: dict[str, Any], members: list[torch.Tensor],
                  fused: bool) -> None:
-    """torch's AdamW step of ``members`` (parameters of ``group`` with gradients); ``state``: the optimiser's;
-    ``fused``: :func:`takes_fused_kernel` of the group (judged once a step: it reads every parameter of the group,
-    and a bucket's chunks call this once each)."""
+    """torch's AdamW step of ``members`` (parameters of ``group`` with gradients, whose state :func:`ensure_state`
+    has created); ``state``: the optimiser's; ``fused``: :func:`takes_fused_kernel` of the group (judged once a
+    step: it reads every parameter of the group, and a bucket's chunks call this once each)."""
     if not members:
         return
-    ensure_state(state, group, members, fused)
     params, grads, avgs, sqs, maxes, steps = [], [], [], [], [], []
     for p in members:
         st = state[p]

@@ -179,7 +179,7 @@ def finish(bucket: Bucket, update: Optional[Callable[[list[torch.Tensor]], None]
             pairs["xtn"] = (bucket.old[lo:hi], B)
         for name, gram in bucket.manifold.grams(**pairs).items():
             parts.setdefault(name, []).append(gram)
-    grams = {name: grams[0] if len(grams) == 1 else torch.cat(grams) for name, grams in parts.items()}
+    grams = {name: pieces[0] if len(pieces) == 1 else torch.cat(pieces) for name, pieces in parts.items()}
     if post.needs_old:
         grams["xtx"] = bucket.xtx
     P, Q = post.coefficients(grams, bucket.options)
