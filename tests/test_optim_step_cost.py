@@ -79,17 +79,22 @@ def test_any_chunking_gives_the_whole_bucket_step(mode: str) -> None:
         assert torch.allclose(value, runs[0], rtol=0, atol=1e-6), key
 
 
-def test_cpu_chunk_plan_stacks_small_factors_and_takes_large_ones_alone() -> None:
+def test_cpu_chunk_plan_stacks_small_factors_and_takes_large_ones_alone_unless_stored_stacked() -> None:
     small_rows = 64  # 64 × 32 fp32 = 8 KiB
     large_rows = CPU_CHUNK_BYTES // (32 * 4)  # exactly the per-factor threshold
-    for rows, count, want in ((small_rows, 3000, CPU_STACK_BYTES // (small_rows * 32 * 4)), (small_rows, 5, 5),
-                              (large_rows, 4, 1)):
+    large_per_chunk = CPU_STACK_BYTES // CPU_CHUNK_BYTES
+    for rows, count, stacked, want in (
+        (small_rows, 3000, True, CPU_STACK_BYTES // (small_rows * 32 * 4)), (small_rows, 5, True, 5),
+        (small_rows, 5, False, 5), (large_rows, 4, False, 1), (large_rows, 4, True, 4),
+        (large_rows, 3 * large_per_chunk, True, large_per_chunk),
+    ):
         ps = [torch.nn.Parameter(torch.zeros(rows, 32)) for _ in range(count)]
-        opt = LandingAdamW([{"params": ps, "polar_role": "stiefel"}])
+        opt = LandingAdamW([{"params": ps, "polar_role": "stiefel"}], stack_factors=stacked)
         for p in ps:
             p.grad = torch.zeros_like(p)
         (bucket,) = opt.buckets()
-        assert bucket.chunk == plan_chunks(bucket, torch.device("cpu"), None) == want, (rows, count)
+        assert bucket.chunk == plan_chunks(bucket, torch.device("cpu"), None) == want, (rows, count, stacked)
+        assert (bucket.stack is not None) == stacked
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

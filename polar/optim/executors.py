@@ -6,10 +6,13 @@ the same math (:func:`prepare`: Grams, orthogonality error, the mode's direction
 reads as the gradient; :func:`finish`: the mode's post-step). The executors differ only in how a chunk's factors
 reach the kernels, and :func:`plan_chunks` is the one dispatcher:
 
-* **per factor** (CPU default): chunks of one factor, used as views of its own storage. Stacking copies cost
-  ≈ 30 % of the transform on a 7B-shaped set, and one n × r factor stays in cache between its Gram and its field.
-* **stacked** (GPU, row shards, small CPU factors): chunks stacked into ``k × n × r`` tensors, so the work is a few
-  batched kernels per chunk (on GPU one launch per bucket; on row shards one all-reduce per bucket and call).
+* **stacked storage** (CPU default, :mod:`polar.optim.storage`): the factors are rows of one tensor the optimiser
+  holds, and a chunk (up to :data:`CPU_STACK_BYTES`) is a slice of it, read without copying.
+* **per factor** (CPU factors of at least :data:`CPU_CHUNK_BYTES` in their own storage): chunks of one factor,
+  used as views of its storage; one n × r factor stays in cache between its Gram and its field.
+* **stacked copies** (GPU, row shards, small CPU factors in their own storage): chunks stacked into ``k × n × r``
+  tensors, so the work is a few batched kernels per chunk (on GPU one launch per bucket; on row shards one
+  all-reduce per bucket and call).
 
 The r × r work of a chunk is batched either way; every product that sums over rows goes through the bucket's
 :class:`~polar.optim.stiefel.Stiefel` reduction.
@@ -27,14 +30,15 @@ from .modes import Mode, PostStep
 from .sharding import RowSharding, local_tensor
 from .stiefel import Stiefel, compute_dtype, orthogonality_error_from_gram
 
-__all__ = ["Bucket", "CPU_CHUNK_BYTES", "CPU_STACK_BYTES", "Workspace", "finish", "gather", "plan_chunks", "prepare"]
+__all__ = ["Bucket", "CPU_CHUNK_BYTES", "CPU_STACK_BYTES", "Workspace", "factors", "finish", "gather", "plan_chunks", "prepare"]
 
-#: CPU chunks: factors of at least this many bytes go one at a time (per factor: one factor's X, G, field and old
-#: copy stay in cache between its Gram and its field, and stacking them would copy what is used once).
+#: CPU factors in their own storage of at least this many bytes go one at a time (one factor's X, G, field and
+#: old copy stay in cache between its Gram and its field, and stacking them would copy what is used once).
 CPU_CHUNK_BYTES = 512 << 10
-#: Smaller CPU factors are stacked up to this many bytes a chunk: on SmolLM2-135M's factor set (24–196 KiB each)
-#: every kernel call cost more than its arithmetic, and 8 MiB stacks took the step to 0.70× of 512 KiB stacks (two
-#: threads, interleaved; one thread 0.88×), fewer calls outweighing the copies.
+#: CPU chunks of stacked storage, and of smaller factors in their own storage, are up to this many bytes: on
+#: SmolLM2-135M's factor set (24–196 KiB each) every kernel call cost more than its arithmetic, and 8 MiB stacks
+#: took the step to 0.70× of 512 KiB stacks (two threads, interleaved; one thread 0.88×). From stacked storage, on
+#: the 7B-shaped set (one thread), 8 MiB chunks took the step to 0.81× of one factor a chunk (2 MiB: 0.90×).
 CPU_STACK_BYTES = 8 << 20
 
 
@@ -53,6 +57,7 @@ class Bucket:
     sharding: Optional[RowSharding]
     chunk: int = 1
     first_step: bool = False  # a group of these factors takes its first step (the start is checked once)
+    stack: Optional[torch.Tensor] = None  # k × n × r whose rows the factors are views of (polar.optim.storage)
     fed: Optional[torch.Tensor] = None  # what AdamW reads as the gradient (then scratch for the post-step)
     old: Optional[torch.Tensor] = None
     xtx: Optional[torch.Tensor] = None
@@ -91,14 +96,15 @@ class Workspace:
 def plan_chunks(bucket: Bucket, device: torch.device, chunk_bytes: Optional[int]) -> int:
     """Factors per chunk (the dispatcher). From the *global* shape: on row shards every chunk issues a collective,
     so all ranks must chunk alike although their local rows differ. ``chunk_bytes``: ``None`` chooses (per factor
-    on CPU for factors ≥ :data:`CPU_CHUNK_BYTES`, CPU stacks of up to :data:`CPU_STACK_BYTES` otherwise, whole
-    buckets on GPU and on row shards); ``0`` whole buckets; ``> 0`` stacks of at most that many bytes."""
+    on CPU for factors ≥ :data:`CPU_CHUNK_BYTES` in their own storage, CPU chunks of up to
+    :data:`CPU_STACK_BYTES` otherwise, whole buckets on GPU and on row shards); ``0`` whole buckets; ``> 0``
+    chunks of at most that many bytes."""
     per = max(1, bucket.shape[0] * bucket.shape[1]) * torch.empty((), dtype=bucket.compute_dtype).element_size()
     if chunk_bytes is None:
         sharded = bucket.sharding is not None and bool(bucket.sharding.mesh_dims)
         if device.type != "cpu" or sharded:
             chunk_bytes = 0
-        elif per >= CPU_CHUNK_BYTES:
+        elif per >= CPU_CHUNK_BYTES and bucket.stack is None:
             return 1
         else:
             chunk_bytes = CPU_STACK_BYTES
@@ -120,6 +126,14 @@ def gather(tensors: list[torch.Tensor], wide: bool, dtype: torch.dtype, out: Opt
     return out
 
 
+def factors(bucket: Bucket, lo: int, hi: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Factors ``lo:hi`` of ``bucket`` (tall, compute dtype): a slice of its stack where it has one, else
+    :func:`gather`; copied into ``out`` if given."""
+    if bucket.stack is None:
+        return gather(bucket.params[lo:hi], bucket.wide, bucket.compute_dtype, out=out)
+    return bucket.stack[lo:hi] if out is None else out.copy_(bucket.stack[lo:hi])
+
+
 @torch.no_grad()
 def prepare(bucket: Bucket, workspace: Workspace) -> None:
     """Before AdamW's step: Grams, orthogonality errors, the direction into ``bucket.fed`` (and the factors as
@@ -136,11 +150,14 @@ def prepare(bucket: Bucket, workspace: Workspace) -> None:
     grads = [p.grad for p in bucket.params]
     for lo in range(0, k, bucket.chunk):
         hi = min(k, lo + bucket.chunk)
-        X = gather(bucket.params[lo:hi], bucket.wide, cdt, out=bucket.old[lo:hi] if needs_old else None)
+        X = factors(bucket, lo, hi, out=bucket.old[lo:hi] if needs_old else None)
         pairs = {"xtx": (X, X)}
-        G = None
+        G = fed = None
         if bucket.mode.direction is not None:
-            G = gather(grads[lo:hi], bucket.wide, cdt)
+            fed = bucket.fed[lo:hi]
+            # Several gradients are stacked anyway: into the field buffer, for a direction computed in place.
+            in_place = bucket.mode.direction_in_place and hi - lo > 1
+            G = gather(grads[lo:hi], bucket.wide, cdt, out=fed if in_place else None)
             if "gtx" in bucket.mode.grams:
                 pairs["gtx"] = (G, X)
         grams = bucket.manifold.grams(**pairs)
@@ -150,7 +167,7 @@ def prepare(bucket: Bucket, workspace: Workspace) -> None:
         if needs_old:
             bucket.xtx[lo:hi] = grams["xtx"]
         if G is not None:
-            bucket.mode.direction(X, G, grams, bucket.lam, bucket.fed[lo:hi])
+            bucket.mode.direction(X, G, grams, bucket.lam, fed)
 
 
 @torch.no_grad()
@@ -173,7 +190,7 @@ def finish(bucket: Bucket, update: Optional[Callable[[list[torch.Tensor]], None]
     for lo, hi in chunks:
         if update is not None:
             update(bucket.params[lo:hi])
-        B = gather(bucket.params[lo:hi], bucket.wide, cdt)
+        B = factors(bucket, lo, hi)
         pairs = {"ntn": (B, B)}
         if post.needs_old:
             pairs["xtn"] = (bucket.old[lo:hi], B)
@@ -185,9 +202,12 @@ def finish(bucket: Bucket, update: Optional[Callable[[list[torch.Tensor]], None]
     P, Q = post.coefficients(grams, bucket.options)
     P, Q = P.to(cdt), None if Q is None else Q.to(cdt)
     for lo, hi in chunks:
-        B = gather(bucket.params[lo:hi], bucket.wide, cdt)
+        B = factors(bucket, lo, hi)
         out = torch.bmm(B, P[lo:hi], out=bucket.fed[lo:hi])
         if Q is not None:
             out.baddbmm_(bucket.old[lo:hi], Q[lo:hi])
+        if bucket.stack is not None:
+            bucket.stack[lo:hi].copy_(out)
+            continue
         for p, value in zip(bucket.params[lo:hi], out):
             local_tensor(p).copy_(value.mT if bucket.wide else value)

@@ -69,7 +69,8 @@ class Mode:
     (``xtx`` is always computed: it is the orthogonality measurement). ``post_step``: the name of a registered
     :class:`PostStep` (``None``: AdamW's step is final). ``moments``: what AdamW's moments average, which decides
     how ``stabilize_every`` carries them into a new basis (``"gradient"`` or ``"field"``, see
-    :func:`polar.optim.stabilize.transport_factor_moment`). ``advice``: what to change when the factors drift
+    :func:`polar.optim.stabilize.transport_factor_moment`). ``direction_in_place``: the direction is right when
+    ``G`` is its ``out`` buffer (the executors then stack several gradients straight into it). ``advice``: what to change when the factors drift
     (the Trainer's drift warning), given the mode's param groups.
     """
 
@@ -83,6 +84,7 @@ class Mode:
     post_step: Optional[str] = None
     allows_safe_step: bool = False
     moments: str = "gradient"
+    direction_in_place: bool = False  # the direction may be given the gradient in its ``out`` buffer
 
 
 MODES: dict[str, Mode] = {}
@@ -209,6 +211,7 @@ register_mode(Mode(
     "riemannian", "the Riemannian gradient G − X sym(XᵀG) into AdamW, its step projected onto the tangent space, "
     "then the retraction (the default)",
     _riemannian, _retraction_advice("riemannian"), grams=("xtx", "gtx"), retracts=True, post_step="tangent_retract",
+    direction_in_place=True,
 ))
 register_mode(Mode(
     "retraction", "the landing field without its normal term into AdamW, then the retraction of the whole step",

@@ -33,6 +33,7 @@ from .modes import DEFAULT_LAMBDA, DEFAULT_MODE, DEFAULT_RETRACTION, MODES, POST
 from .sharding import check_stiefel_param, gram_reduction, like_param, local_tensor, stiefel_sharding
 from .stabilize import reorthonormalize_triples, transport_factor_moment, transport_state, transport_theta_moment
 from .stiefel import Stiefel, compute_dtype, no_autocast
+from .storage import FactorStack, stackable
 
 __all__ = ["LandingAdamW"]
 
@@ -79,6 +80,10 @@ class LandingAdamW(torch.optim.AdamW):
             ``"raise"`` raises :class:`~polar.optim.guard.NonFiniteStepError`.
         max_consecutive_skips: with ``"skip"``, the step after this many consecutive skipped steps raises instead
             of skipping again (default 10; 0 = raise at once; ``None`` = no limit).
+        stack_factors: keep each CPU bucket's factors as views of one stacked tensor (default ``True``,
+            :mod:`polar.optim.storage`): at its first step a parameter's ``.data`` becomes a row of that tensor, so
+            the step reads and writes whole chunks without stacking copies. ``False`` leaves every factor in its
+            own storage.
         **adamw_kwargs: ``amsgrad``, ``maximize``, ``foreach``, ``fused``, ... as for ``torch.optim.AdamW``. With
             neither ``foreach`` nor ``fused`` given, groups of plain CPU / CUDA tensors use the fused kernel.
     """
@@ -99,6 +104,7 @@ class LandingAdamW(torch.optim.AdamW):
         chunk_bytes: Optional[int] = None,
         nonfinite: str = "skip",
         max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+        stack_factors: bool = True,
         **adamw_kwargs: Any,
     ) -> None:
         validate(mode, landing_lambda=landing_lambda, retraction=retraction, safe_step=safe_step,
@@ -112,6 +118,7 @@ class LandingAdamW(torch.optim.AdamW):
             retraction=retraction or DEFAULT_RETRACTION,
         )
         self._chunk_bytes = chunk_bytes
+        self._stack_factors = bool(stack_factors)
         self._init_runtime()
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **adamw_kwargs)
         # The landing field is not homogeneous in G (its normal term does not scale with a loss scale), so AMP's
@@ -121,10 +128,11 @@ class LandingAdamW(torch.optim.AdamW):
 
     def _init_runtime(self) -> None:
         self._workspace = Workspace()
+        self._stacks: dict[tuple[int, ...], FactorStack] = {}
         self._last_orth: list[torch.Tensor] = []
         self._orth_peak: Optional[torch.Tensor] = None
 
-    _OPTIONS = ("_chunk_bytes", "_explicit", "_polar_defaults", "_guard")
+    _OPTIONS = ("_chunk_bytes", "_explicit", "_polar_defaults", "_guard", "_stack_factors")
 
     def __getstate__(self) -> dict[str, Any]:
         # Optimizer.__getstate__ keeps only defaults/state/param_groups (pickle, deepcopy): keep the options too.
@@ -135,6 +143,7 @@ class LandingAdamW(torch.optim.AdamW):
         self._step_supports_amp_scaling = False
         self._init_runtime()
         self.__dict__.setdefault("_chunk_bytes", None)
+        self.__dict__.setdefault("_stack_factors", True)
         self.__dict__.setdefault("_guard", NonFiniteGuard("skip", DEFAULT_MAX_CONSECUTIVE_SKIPS))
         self.__dict__.setdefault("_explicit", {"landing_lambda": None, "retraction": None})
         self.__dict__.setdefault("_polar_defaults", {k: self.defaults.get(k, v) for k, v in _POLAR_DEFAULTS.items()})
@@ -250,8 +259,17 @@ class LandingAdamW(torch.optim.AdamW):
                 layouts[key].params.append(p)
                 layouts[key].first_step |= group["polar_steps"] == 0
         buckets = list(layouts.values())
+        stacks = {}
         for b in buckets:
+            if self._stack_factors and b.sharding is None and stackable(b.params):
+                key = tuple(map(id, b.params))
+                stack = self._stacks.get(key)
+                if stack is None or not stack.holds(b.params):
+                    stack = FactorStack(b.params)
+                stacks[key] = stack
+                b.stack = stack.data
             b.chunk = plan_chunks(b, local_tensor(b.params[0]).device, self._chunk_bytes)
+        self._stacks = stacks  # a stack whose bucket changed is dropped (its factors were adopted again above)
         return buckets
 
     @staticmethod

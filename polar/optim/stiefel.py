@@ -102,9 +102,11 @@ def tangent_projection(
 ) -> torch.Tensor:
     """``V − X sym(XᵀV)``: the part of ``V`` tangent to the manifold at an orthonormal ``X``, from a given
     (reduced) ``VᵀX``. Of a gradient it is the Riemannian gradient (Euclidean metric). Batched or single, in
-    ``vtx``'s dtype; rows never interact once ``vtx`` is reduced."""
+    ``vtx``'s dtype; rows never interact once ``vtx`` is reduced. ``out`` may be ``V`` itself."""
     coef = sym(vtx)
     Vc, Xc = V.to(vtx.dtype), X.to(vtx.dtype)
+    if out is not None and Vc is out:  # in place: V's buffer becomes the result
+        return out.baddbmm_(Xc, coef, alpha=-1.0) if out.ndim == 3 else out.addmm_(Xc, coef, alpha=-1.0)
     if Vc.ndim == 3:
         return torch.baddbmm(Vc, Xc, coef, alpha=-1.0, out=out) if out is not None else torch.baddbmm(Vc, Xc, coef, alpha=-1.0)
     return torch.addmm(Vc, Xc, coef, alpha=-1.0, out=out) if out is not None else torch.addmm(Vc, Xc, coef, alpha=-1.0)
