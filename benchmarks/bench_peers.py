@@ -108,7 +108,10 @@ def _run(reps: int, r: int, lr: float) -> str:
         "adamw": torch.optim.AdamW(adamw_params, lr=lr).step,
         "adamw_fused": torch.optim.AdamW(adamw_params, lr=lr, fused=True).step,
     }
-    for key, kwargs in (("riemannian", {}), ("riemannian_fused", {"fused": True}), ("landing", {"mode": "landing"})):
+    variants = (("riemannian", {}), ("riemannian_fused", {"fused": True}),
+                ("riemannian_own", {"stack_factors": False}), ("riemannian_2mib", {"chunk_bytes": 2 << 20}),
+                ("landing", {"mode": "landing"}))
+    for key, kwargs in variants:
         stiefel[key] = own_factors()
         steps[key] = LandingAdamW([dict(params=stiefel[key], polar_role="stiefel")], lr=lr, **kwargs).step
     stiefel["geoopt"] = own_factors(lambda x: geoopt.ManifoldParameter(x, manifold=geoopt.EuclideanStiefel()))
@@ -134,7 +137,8 @@ def _run(reps: int, r: int, lr: float) -> str:
     rate = mix_flop / med["sgemm_mix"]
     n_rr = sum(n * r * r * k for n, k in SET7B)
     floors = {"riemannian": 12 * n_rr / rate + med["adamw_fused"], "landing": 8 * n_rr / rate + med["adamw_fused"]}
-    floors["riemannian_fused"] = floors["riemannian"]
+    for key in ("riemannian_fused", "riemannian_own", "riemannian_2mib"):
+        floors[key] = floors["riemannian"]
     big_floor = 12 * n_rr / (2 * size**3 / med["sgemm_2048"]) + med["adamw_fused"]
     base, geo = med["adamw"], med["geoopt"]
     names = {
@@ -142,6 +146,8 @@ def _run(reps: int, r: int, lr: float) -> str:
         "adamw_fused": "torch.optim.AdamW(fused=True)",
         "riemannian": "LandingAdamW, default (mode='riemannian')",
         "riemannian_fused": "LandingAdamW, default, fused=True passed to AdamW",
+        "riemannian_own": "LandingAdamW, default, stack_factors=False (factors in their own storage)",
+        "riemannian_2mib": "LandingAdamW, default, chunk_bytes=2 MiB (8 MiB by default)",
         "landing": "LandingAdamW(mode='landing')",
         "geoopt": "geoopt 0.5.1 RiemannianAdam, EuclideanStiefel",
         "pogo": "pogo-torch 1.0.2 POGO + VectorAdam, stacked by shape",

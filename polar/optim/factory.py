@@ -45,6 +45,7 @@ def make_optimizer(
     safe_step: bool = False,
     stabilize_every: int = 0,
     chunk_bytes: Optional[int] = None,
+    stack_factors: bool = True,
     nonfinite: str = "skip",
     max_consecutive_skips: Optional[int] = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     optimizer_cls: type[LandingAdamW] = LandingAdamW,
@@ -62,7 +63,7 @@ def make_optimizer(
       ``PolarConfig.landing_lambda``. An explicit λ with a mode that does not use it is refused.
     * ``nonfinite``, ``max_consecutive_skips``: what a step with NaN/inf gradients does (it changes nothing either
       way): skip with a warning, raising after that many skips in a row, or raise at once (see :class:`LandingAdamW`).
-    * ``chunk_bytes``: see :class:`LandingAdamW`. ``optimizer_cls``: a :class:`LandingAdamW` subclass to build;
+    * ``chunk_bytes``, ``stack_factors``: see :class:`LandingAdamW`. ``optimizer_cls``: a :class:`LandingAdamW` subclass to build;
       ``**adamw_kwargs`` go to AdamW (``amsgrad``, ``maximize``, ``foreach``, ``fused``, ...).
 
     Raises:
@@ -148,6 +149,7 @@ def make_optimizer(
         weight_decay=weight_decay,
         mode=modes.pop() if len(modes) == 1 else DEFAULT_MODE,  # options are set per group above
         chunk_bytes=chunk_bytes,
+        stack_factors=stack_factors,
         nonfinite=nonfinite,
         max_consecutive_skips=max_consecutive_skips,
         **adamw_kwargs,

@@ -169,7 +169,9 @@ def _riemannian(X: torch.Tensor, G: torch.Tensor, g: Grams, lam: float, out: tor
 def _tangent_retract(g: Grams, options: dict[str, Any]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     # Keep the tangent part of AdamW's displacement D = B − A, then retract: M = B − A S with S = sym(AᵀD), and
     # MᵀM from the Grams alone. For a tangent step MᵀM = I + DᵀD ⪰ I, so the retraction is well conditioned.
-    xtx, xtn, ntn = (g[k].double() for k in ("xtx", "xtn", "ntn"))
+    # In the Grams' dtype, not float64: their rounding exceeds fp32's on these r × r deviations from I, and float64
+    # made this ≈ 20 % of the step on SmolLM2 (fp32: 2.7× less; ‖XᵀX − I‖_F 2.3e-6 after 300 steps, fp64 2.1e-6).
+    xtx, xtn, ntn = g["xtx"], g["xtn"], g["ntn"]
     S = sym(xtn - xtx)
     mtm = ntn - xtn.mT @ S - S @ xtn + S @ xtx @ S
     C = RETRACTIONS[options["retraction"]](mtm)

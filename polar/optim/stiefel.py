@@ -10,8 +10,9 @@ Every retraction is ``X ↦ X C`` with an ``r × r`` coefficient ``C`` computed 
 (:data:`RETRACTIONS`): the polar factor ``C = (XᵀX)^(-1/2)``, QR's ``C = R⁻¹`` with ``R = chol(XᵀX)ᵀ`` (Cholesky QR:
 the QR with diag(R) > 0, well conditioned near the manifold, where ``XᵀX ≈ I``) and one Newton–Schulz step
 ``C = (3I − XᵀX) / 2``. So a retraction costs one Gram and one ``n × r · r × r`` product, on whole factors and on
-row shards alike. The ``r × r`` work runs in float64: it is negligible, and the only fp32 rounding left is the
-``n × r`` product.
+row shards alike. :func:`retraction_coefficient` works in float64; the default mode's post-step
+(:mod:`polar.optim.modes`) in the Grams' own dtype, where fp32 rounding of the ``r × r`` deviations from I stays
+below the Grams' own.
 
 fp16 / bf16 factors are computed in fp32 (:func:`compute_dtype`): the Grams sum ``n`` products, and the
 orthogonality signal lives in their 3rd–4th significant digit.
@@ -155,8 +156,12 @@ def _newton_schulz_inverse_sqrt_residual(dev: torch.Tensor, radius: float) -> to
     iterations, bound = 0, radius
     while bound > eps and iterations < _NEWTON_SCHULZ_MAX_ITERATIONS:
         bound, iterations = (3 * bound**2 + bound**3) / 4, iterations + 1
-    y, z = dev, torch.zeros_like(dev)
-    for _ in range(iterations):
+    if iterations == 0:
+        return torch.zeros_like(dev)
+    # The first iteration from z = 0 (t = −y / 2, z = t), without its products with zero: the same numbers.
+    y, z = dev, dev * -0.5
+    y = y + z + y @ z
+    for _ in range(iterations - 1):
         t = torch.baddbmm(z + y, z, y) if z.ndim == 3 else torch.addmm(z + y, z, y)
         t = t.mul_(-0.5)
         y = y + t + y @ t
