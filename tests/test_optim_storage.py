@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 
 import peft
+import safetensors.torch
 import torch
 
 from polar import PolarConfig
@@ -108,6 +109,10 @@ def test_save_and_load_through_peft_and_torch(tmp_path: Path) -> None:
     ids = sample_input(seed=99)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, own(input_ids=ids).logits)
+    # what accelerate's save_state does: safetensors over the model's whole state dict, rows of one stack included
+    adapter = {k: v for k, v in stacked.state_dict().items() if "polar_" in k}
+    safetensors.torch.save_file(adapter, tmp_path / "raw.safetensors")
+    _assert_same(safetensors.torch.load_file(tmp_path / "raw.safetensors"), adapter)
     torch.save(stacked.state_dict(), tmp_path / "full.pt")
     fresh = _model(seed=3)
     fresh.load_state_dict(torch.load(tmp_path / "full.pt"))
