@@ -19,7 +19,7 @@ adapter (delta path only) at SmolLM2's shapes, 512 tokens, in several multiplica
 step on PoLAR's real parameter set: torch AdamW for-loop / foreach / fused, LandingAdamW with and without
 ``fused=True`` passed through, and a prototype written here (same-shape factors as stacks, fused AdamW, one
 eigh per stack) checked against LandingAdamW; (4) the per-step orthogonality measurement alone; (5) the polar
-retraction's r × r coefficient (MᵀM)^(-1/2) for the real factor stacks: eigh in float64 (today) or float32, or a
+retraction's r × r coefficient (MᵀM)^(-1/2) for the real factor stacks: eigh in float64 or float32, or a
 coupled Newton–Schulz iteration (bmm only), with the orthogonality each leaves.
 
 Under load the medians of a 2.5 s step swing by seconds (OpenMP threads spin on oversubscribed cores); the minima
@@ -212,7 +212,7 @@ def _adapter_orders(n_in: int, n_out: int, tokens: int) -> dict[str, Callable[[]
     lin = torch.nn.functional.linear
     return {
         "LoRA: B(A x) · s (PEFT's order)": run(lambda: lin(lin(x, A), B) * s, (x, A, B)),
-        "PoLAR today: ((x Y) Θᵀ) Xᵀ · s": run(lambda: ((x @ Y) @ theta.T @ X.T) * s, (x, X, Y, theta)),
+        "PoLAR, s on the output: ((x Y) Θᵀ) Xᵀ · s": run(lambda: ((x @ Y) @ theta.T @ X.T) * s, (x, X, Y, theta)),
         "PoLAR, s folded into Θ: ((x Y)(s Θᵀ)) Xᵀ": run(lambda: (x @ Y) @ (theta.T * s) @ X.T, (x, X, Y, theta)),
         "PoLAR, M = Y Θᵀ once: (x M) Xᵀ · s": run(lambda: (x @ (Y @ theta.T)) @ X.T * s, (x, X, Y, theta)),
         "PoLAR, M = Y (s Θᵀ) once: (x M) Xᵀ": run(lambda: (x @ (Y @ (theta.T * s))) @ X.T, (x, X, Y, theta)),
@@ -295,7 +295,7 @@ def _optimiser_alternatives(pm: torch.nn.Module) -> dict[str, Callable[[], None]
                      ("torch AdamW fused", {"fused": True})):
         f, t = copies()
         fns[name] = torch.optim.AdamW([*f, *t], lr=LR, **kw).step
-    fns["LandingAdamW default (today)"] = landing()
+    fns["LandingAdamW default"] = landing()
     fns["LandingAdamW default, fused=True passed"] = landing(fused=True)
     f, t = copies()
     fns["prototype: stacked riemannian + fused AdamW"] = StackedRiemannianAdamW(f, t, LR).step
@@ -333,7 +333,7 @@ def _inverse_sqrt_newton_schulz(gram: torch.Tensor, iters: int) -> torch.Tensor:
 
 def _retraction_coefficients(pm: torch.nn.Module) -> list[str]:
     """Time and accuracy of the polar retraction's r × r coefficient (MᵀM)^(-1/2) for PoLAR's factor stacks, M = X + D
-    with D an Adam-sized (± lr per entry) tangent step: eigh in float64 (today), eigh in float32, Newton–Schulz."""
+    with D an Adam-sized (± lr per entry) tangent step: eigh in float64, eigh in float32, Newton–Schulz."""
     factors, _ = _polar_sets(pm)
     by_shape: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
     for p in factors:
@@ -352,7 +352,7 @@ def _retraction_coefficients(pm: torch.nn.Module) -> list[str]:
         return ((evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT).float()
 
     methods: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "eigh float64 (today)": lambda a: eigh_coef(a, torch.float64),
+        "eigh float64": lambda a: eigh_coef(a, torch.float64),
         "eigh float32": lambda a: eigh_coef(a, torch.float32),
         **{f"Newton–Schulz float32, {k} iterations": (lambda a, k=k: _inverse_sqrt_newton_schulz(a, k)) for k in (4, 6, 8)},
     }
@@ -440,12 +440,12 @@ def _profile(reps: int) -> str:
             f"| × {cfg.num_hidden_layers} layers (whole model) | " + " | ".join(f"**{fmt_t(per_model[k])}**" for k in heads) + " |"]
 
     fns = _optimiser_alternatives(pm)
-    fns["orthogonality monitoring alone (today's per-factor form)"] = _orthogonality_monitoring(opt)
+    fns["orthogonality monitoring alone (per-factor form)"] = _orthogonality_monitoring(opt)
     times = time_interleaved(fns, cpu, reps)
-    ref = statistics.median(times["LandingAdamW default (today)"])
+    ref = statistics.median(times["LandingAdamW default"])
     out += ["", f"Optimiser step on PoLAR's parameter set ({sum(p.numel() for p in pm.parameters() if p.requires_grad) / 1e6:.2f} M "
             f"values: {len(_polar_sets(pm)[0])} factors + {len(_polar_sets(pm)[1])} Θ's), median of {reps} interleaved:", "",
-            "| step | median | vs LandingAdamW today |", "|---|---|---|"]
+            "| step | median | vs LandingAdamW default |", "|---|---|---|"]
     out += [f"| {k} | {fmt_t(statistics.median(v))} | {statistics.median(v) / ref:.2f}× |" for k, v in times.items()]
     out += ["", f"Prototype vs LandingAdamW default, one step from the same point: max |Δparam| = {_prototype_matches(pm):.2e}."]
     out += ["", *_retraction_coefficients(pm)]

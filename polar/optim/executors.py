@@ -38,7 +38,7 @@ CPU_CHUNK_BYTES = 512 << 10
 #: CPU chunks of stacked storage, and of smaller factors in their own storage, are up to this many bytes: on
 #: SmolLM2-135M's factor set (24–196 KiB each) every kernel call cost more than its arithmetic, and 8 MiB stacks
 #: took the step to 0.70× of 512 KiB stacks (two threads, interleaved; one thread 0.88×). From stacked storage, on
-#: the 7B-shaped set (one thread), 8 MiB chunks took the step to 0.81× of one factor a chunk (2 MiB: 0.90×).
+#: the 7B-shaped set (one thread), 8 MiB slices took the step to 0.83–0.88× of 2 MiB slices (BENCHMARKS.md).
 CPU_STACK_BYTES = 8 << 20
 
 
