@@ -186,5 +186,5 @@ def test_the_optimiser_package_stays_small() -> None:
     assert max(sizes.values()) <= 400, sizes
     # the previous release's polar/optim (1911 lines), plus the all-or-nothing step (guard.py, hooks), the
     # Newton–Schulz polar coefficient, the post-step's batched r × r pass, AdamW by chunk (adamw_update.py) and
-    # the stacked factor storage (storage.py)
-    assert sum(sizes.values()) < 1911 + 430, sizes
+    # the stacked factor storage (storage.py: adoption, release, restack)
+    assert sum(sizes.values()) < 1911 + 470, sizes

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from polar import PolarConfig
-from polar.optim import make_optimizer
+from polar.optim import LandingAdamW, make_optimizer
 from polar.tuner import iter_polar_layers
 from tests.tiny_models import sample_input, tiny_llama
 
@@ -90,11 +90,39 @@ def test_a_replaced_storage_is_adopted_again_with_its_value() -> None:
 
 def test_a_bucket_whose_members_change_step_to_step() -> None:
     (stacked, opt_s), (own, opt_o) = _pair()
+    left = [p for n, p in stacked.named_parameters() if "layers.0." in n and ("polar_X" in n or "polar_Y" in n)]
     for model, opt in ((stacked, opt_s), (own, opt_o)):
         _train(model, opt, 2)
         _train(model, opt, 2, seed=5, drop=("layers.0.",))
+        if model is stacked:  # the factors that left their buckets hold their own storage, not a dropped stack
+            assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in left)
         _train(model, opt, 2, seed=9)
     _assert_same(_state(stacked), _state(own))
+
+
+def test_buckets_that_differ_only_in_options_keep_their_own_buffers() -> None:
+    # Buffers of ≥ 32 MiB are kept across steps (executors.Workspace); two buckets of one shape and mode that differ
+    # in their retraction must not share them. Two 16 MiB factors per bucket: each field buffer is 32 MiB.
+    torch.manual_seed(0)
+    start = [torch.linalg.qr(torch.randn(131072, 32))[0].contiguous() for _ in range(4)]
+    grads = [torch.randn(131072, 32) * 1e-3 for _ in range(4)]
+
+    def run(groups: list[list[tuple[int, list[int]]]]) -> list[torch.Tensor]:
+        ps = [torch.nn.Parameter(x.clone()) for x in start]
+        kinds = ("polar", "qr")
+        opts = [LandingAdamW([{"params": [ps[i] for i in members], "polar_role": "stiefel", "retraction": kinds[j]}
+                              for j, members in groups_of], lr=1e-2) for groups_of in groups]
+        for _ in range(2):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            for opt in opts:
+                opt.step()
+        return [p.detach() for p in ps]
+
+    together = run([[(0, [0, 1]), (1, [2, 3])]])
+    apart = run([[(0, [0, 1])], [(1, [2, 3])]])
+    for a, b in zip(together, apart):
+        assert torch.equal(a, b)
 
 
 def test_save_and_load_through_peft_and_torch(tmp_path: Path) -> None:

@@ -69,6 +69,12 @@ class Bucket:
         return compute_dtype(self.params[0].dtype)
 
     @property
+    def layout(self) -> tuple:
+        """Everything that sets this bucket apart from the step's other buckets (its kept buffers are keyed by it)."""
+        return (self.mode.name, self.post.name if self.post else None, self.lam, tuple(self.options.items()),
+                self.shape, self.params[0].dtype, local_tensor(self.params[0]).device, self.sharding)
+
+    @property
     def local_shape(self) -> tuple[int, int]:
         n, r = local_tensor(self.params[0]).shape
         return (r, n) if self.wide else (n, r)
@@ -140,7 +146,7 @@ def prepare(bucket: Bucket, workspace: Workspace) -> None:
     they are into ``bucket.old`` where the post-step needs them)."""
     k, (n, r), cdt = len(bucket.params), bucket.local_shape, bucket.compute_dtype
     device = local_tensor(bucket.params[0]).device
-    key = (bucket.mode.name, bucket.shape, cdt, device, bucket.wide)
+    key = bucket.layout
     if bucket.mode.direction is not None:
         bucket.fed = workspace.get((*key, "field"), (k, n, r), cdt, device)
     needs_old = bucket.post is not None and bucket.post.needs_old

@@ -33,7 +33,7 @@ from .modes import DEFAULT_LAMBDA, DEFAULT_MODE, DEFAULT_RETRACTION, MODES, POST
 from .sharding import check_stiefel_param, gram_reduction, like_param, local_tensor, stiefel_sharding
 from .stabilize import reorthonormalize_triples, transport_factor_moment, transport_state, transport_theta_moment
 from .stiefel import Stiefel, compute_dtype, no_autocast
-from .storage import FactorStack, stackable
+from .storage import FactorStack, restack, stack_key, stackable
 
 __all__ = ["LandingAdamW"]
 
@@ -259,17 +259,12 @@ class LandingAdamW(torch.optim.AdamW):
                 layouts[key].params.append(p)
                 layouts[key].first_step |= group["polar_steps"] == 0
         buckets = list(layouts.values())
-        stacks = {}
+        stacked = [b for b in buckets if self._stack_factors and b.sharding is None and stackable(b.params)]
+        self._stacks = restack([b.params for b in stacked], self._stacks)
+        for b in stacked:
+            b.stack = self._stacks[stack_key(b.params)].data
         for b in buckets:
-            if self._stack_factors and b.sharding is None and stackable(b.params):
-                key = tuple(map(id, b.params))
-                stack = self._stacks.get(key)
-                if stack is None or not stack.holds(b.params):
-                    stack = FactorStack(b.params)
-                stacks[key] = stack
-                b.stack = stack.data
             b.chunk = plan_chunks(b, local_tensor(b.params[0]).device, self._chunk_bytes)
-        self._stacks = stacks  # a stack whose bucket changed is dropped (its factors were adopted again above)
         return buckets
 
     @staticmethod
