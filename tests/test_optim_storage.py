@@ -107,11 +107,14 @@ def test_buckets_that_differ_only_in_options_keep_their_own_buffers() -> None:
     start = [torch.linalg.qr(torch.randn(131072, 32))[0].contiguous() for _ in range(4)]
     grads = [torch.randn(131072, 32) * 1e-3 for _ in range(4)]
 
-    def run(groups: list[list[tuple[int, list[int]]]]) -> list[torch.Tensor]:
+    polar_group = {"params": [0, 1], "retraction": "polar"}
+    qr_group = {"params": [2, 3], "retraction": "qr"}
+
+    def run(optimisers: list[list[dict]]) -> list[torch.Tensor]:
+        """One LandingAdamW per entry of ``optimisers``, each over the groups listed (factor indices)."""
         ps = [torch.nn.Parameter(x.clone()) for x in start]
-        kinds = ("polar", "qr")
-        opts = [LandingAdamW([{"params": [ps[i] for i in members], "polar_role": "stiefel", "retraction": kinds[j]}
-                              for j, members in groups_of], lr=1e-2) for groups_of in groups]
+        opts = [LandingAdamW([{**g, "params": [ps[i] for i in g["params"]], "polar_role": "stiefel"} for g in groups],
+                             lr=1e-2) for groups in optimisers]
         for _ in range(2):
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
@@ -119,8 +122,8 @@ def test_buckets_that_differ_only_in_options_keep_their_own_buffers() -> None:
                 opt.step()
         return [p.detach() for p in ps]
 
-    together = run([[(0, [0, 1]), (1, [2, 3])]])
-    apart = run([[(0, [0, 1])], [(1, [2, 3])]])
+    together = run([[polar_group, qr_group]])
+    apart = run([[polar_group], [qr_group]])
     for a, b in zip(together, apart):
         assert torch.equal(a, b)
 

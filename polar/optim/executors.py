@@ -55,6 +55,7 @@ class Bucket:
     wide: bool
     manifold: Stiefel
     sharding: Optional[RowSharding]
+    layout: tuple  # the key it was bucketed by: unique among a step's buckets (its kept buffers are keyed by it)
     chunk: int = 1
     first_step: bool = False  # a group of these factors takes its first step (the start is checked once)
     stack: Optional[torch.Tensor] = None  # k × n × r whose rows the factors are views of (polar.optim.storage)
@@ -67,12 +68,6 @@ class Bucket:
     @property
     def compute_dtype(self) -> torch.dtype:
         return compute_dtype(self.params[0].dtype)
-
-    @property
-    def layout(self) -> tuple:
-        """Everything that sets this bucket apart from the step's other buckets (its kept buffers are keyed by it)."""
-        return (self.mode.name, self.post.name if self.post else None, self.lam, tuple(self.options.items()),
-                self.shape, self.params[0].dtype, local_tensor(self.params[0]).device, self.sharding)
 
     @property
     def local_shape(self) -> tuple[int, int]:

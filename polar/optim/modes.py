@@ -70,8 +70,8 @@ class Mode:
     :class:`PostStep` (``None``: AdamW's step is final). ``moments``: what AdamW's moments average, which decides
     how ``stabilize_every`` carries them into a new basis (``"gradient"`` or ``"field"``, see
     :func:`polar.optim.stabilize.transport_factor_moment`). ``direction_in_place``: the direction is right when
-    ``G`` is its ``out`` buffer (the executors then stack several gradients straight into it). ``advice``: what to change when the factors drift
-    (the Trainer's drift warning), given the mode's param groups.
+    ``G`` is its ``out`` buffer (the executors then stack several gradients straight into it). ``advice``: what to
+    change when the factors drift (the Trainer's drift warning), given the mode's param groups.
     """
 
     name: str

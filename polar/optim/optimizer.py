@@ -255,7 +255,7 @@ class LandingAdamW(torch.optim.AdamW):
                 if key not in layouts:
                     layouts[key] = Bucket(mode, POST_STEPS[post] if post else None, [], lam, options,
                                           tuple(p.shape), p.shape[0] < p.shape[1], Stiefel(gram_reduction(sharding)),
-                                          sharding)
+                                          sharding, layout=key)
                 layouts[key].params.append(p)
                 layouts[key].first_step |= group["polar_steps"] == 0
         buckets = list(layouts.values())
