@@ -232,14 +232,11 @@ class PolarLinear(nn.Module, PolarLayer):
         theta = self.polar_theta[name]
         return h * theta if theta.ndim == 1 else h @ theta.T
 
-    def _polar_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """s · x Y Θᵀ Xᵀ for row inputs ``x``, cost O((in + out) r) per row; ΔW is never formed."""
-        return (self._polar_hidden(name, x) @ self.polar_X[name].T) * self.scaling[name]
-
     def _add_polar_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result + s · x Y Θᵀ Xᵀ``. Where the dtypes agree, as one ``addmm`` whose ``alpha`` is the scale: the
-        output-width delta is never written, scaled and re-read (two passes over rows × out per layer, forward,
-        and one backward, that a separate scale and add cost)."""
+        """``result + s · x Y Θᵀ Xᵀ`` for row inputs ``x``, cost O((in + out) r) per row; ΔW is never formed. Where
+        the dtypes agree, as one ``addmm`` whose ``alpha`` is the scale: the output-width delta is never written,
+        scaled and re-read (two passes over rows × out per layer, forward, and one backward, that a separate scale
+        and add cost)."""
         h = self._polar_hidden(name, x)
         x_factor = self.polar_X[name]
         if result.dtype != x_factor.dtype or h.dtype != x_factor.dtype:
@@ -266,7 +263,7 @@ class PolarLinear(nn.Module, PolarLayer):
             if name not in self.polar_X:
                 continue  # this layer does not hold that adapter: its rows see the base layer only
             rows = [i for i, n in enumerate(adapter_names) if n == name]
-            result[rows] = result[rows] + self._polar_delta(name, x[rows]).to(result.dtype)
+            result[rows] = self._add_polar_delta(name, x[rows], result[rows])
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
